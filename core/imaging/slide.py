@@ -33,8 +33,7 @@ __all__ = ["WholeSlide", "open_slide", "tissue_mask"]
 # Microns per pixel outside this range cannot come from a slide scanner or microscope camera
 # (e.g. 72 dpi = 352.8 um/px is an image editor's default), so it is reported as unknown.
 _MPP_PLAUSIBLE = (0.01, 100.0)
-# Reading a level larger than this many pixels at once is refused by thumbnail-style helpers;
-# they read strip by strip instead.
+# Whole-level reads (thumbnail, read_level) go in horizontal bands of about this many pixels.
 _BAND_PIXELS = 4_000_000
 
 
