@@ -252,7 +252,8 @@ def _pathology_studies(rng, case_dir: Path, d: DiseaseDef, opts: CohortOptions, 
     studies = [Study(id="wsi", modality=Modality.WSI, body_region="lung", path="slide.tiff", format=StudyFormat.TIFF,
                      description="H&E, lung biopsy", acquisition={"mpp": float(meta.get("mpp", 0.5))})]
     findings = [TruthFinding(label=k, study_id="wsi") for k in finding_keys]
-    boxes = [RoiBox(study_id="wsi", label="tumour", box=[float(v) for v in b]) for b in meta.get("tumour_boxes", [])]
+    boxes = [RoiBox(study_id="wsi", label="tumour", box=[float(x), float(y), float(x + w), float(y + h)])
+             for x, y, w, h in meta.get("tumour_boxes", [])]  # make_slide gives [x, y, w, h]
     text = write_report([PlantedMention(k) for k in finding_keys], rng, modality="WSI", cat=cat)
     report = text.replace("IMPRESSION:", "DIAGNOSIS:", 1).split("DIAGNOSIS:")[0] + f"DIAGNOSIS: {d.name}."
     return studies, findings, boxes, {"wsi": report}
