@@ -43,9 +43,10 @@ def cases_generate(
 
     try:
         shape = tuple(int(v) for v in ct_size.split(","))
-        assert len(shape) == 3 and min(shape) >= 32
+        assert len(shape) == 3 and min(shape) >= 32 and shape[1] == shape[2]
     except (ValueError, AssertionError):
-        raise typer.BadParameter("give three integers >= 32, e.g. 96,128,128", param_hint="--ct-size") from None
+        raise typer.BadParameter("give three integers >= 32 with y == x (square pixels), e.g. 96,128,128",
+                                 param_hint="--ct-size") from None
     t0 = time.perf_counter()
     total = len(EXAMPLE_PLANS) if examples else n
     with _progress() as prog:
@@ -58,7 +59,7 @@ def cases_generate(
         if examples:
             ids = generate_examples(out, on_case=tick)
         else:
-            opts = CohortOptions(ct_shape=shape, pathology_fraction=pathology_fraction, metal_rate=metal_rate,
+            opts = CohortOptions.for_grid(shape, pathology_fraction=pathology_fraction, metal_rate=metal_rate,
                                  thick_rate=thick_rate)
             ids = generate_cohort(n, seed, out, opts, workers=workers, start=start, on_case=tick)
             prog.update(task, completed=total)

@@ -131,7 +131,7 @@ _TEMPLATES: dict[str, list[str]] = {
     "medical_material": ["{Metal} in place.", "Metallic hardware ({metal_l}) is noted."],
     "gland_formation": ["Tumour cells form glands and acini.", "Gland formation is seen."],
     "keratinisation": ["Keratin pearls and intercellular bridges are seen.", "Keratinisation is present."],
-    "nuclear_atypia": ["Nuclei are enlarged and pleomorphic.", "Marked nuclear atypia."],
+    "nuclear_atypia": ["Nuclei are enlarged, with marked nuclear pleomorphism.", "Marked nuclear atypia."],
     "normal_alveolar_architecture": ["Alveolar architecture is preserved.", "Unremarkable lung parenchyma."],
 }
 _HEDGES = ["Probable {x}", "Possible {x}", "Findings suspicious for {x}"]

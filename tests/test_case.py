@@ -94,3 +94,20 @@ def test_cli_validate_prints_lines_not_tracebacks(tmp_path):
 def test_case_json_schema_is_exportable():
     schema = Case.model_json_schema()
     assert "truth" in schema["properties"] and "studies" in schema["properties"]
+
+
+def test_load_study_refuses_nifti_for_an_xr_study(tmp_path):
+    """The schema accepts any format per study; the modality/format pairing is checked by load_study."""
+    from core.case import Modality, Study, StudyFormat
+    from core.imaging.load import load_study
+
+    data = {**GOOD, "studies": [{**GOOD["studies"][0], "path": "cxr.nii.gz", "format": "nifti"}]}
+    case = parse_case(data, "case.yaml")  # the model itself does not refuse the combination
+    study = case.study("xr")
+    assert study.modality is Modality.XR and study.format is StudyFormat.NIFTI
+    (tmp_path / "cxr.nii.gz").write_bytes(b"never opened")
+    with pytest.raises(CaseDataError) as e:
+        load_study(tmp_path, study)
+    assert e.value.field == "studies[xr].format"
+    assert "nifti" in e.value.problem and "XR" in e.value.problem
+    assert e.value.file == str(tmp_path / "case.yaml")

@@ -40,6 +40,12 @@ class CohortOptions:
     xr_only_rate: float = 0.05
     photons_per_ray: float = 2e5
 
+    @classmethod
+    def for_grid(cls, ct_shape: tuple[int, int, int], **kw) -> "CohortOptions":
+        """Options whose CT grid keeps the standard 240 mm x 358 mm field of view at any matrix size."""
+        z, y, x = ct_shape
+        return cls(ct_shape=tuple(ct_shape), ct_spacing=(240.0 / z, 358.4 / y, 358.4 / x), **kw)
+
 
 @dataclass
 class CasePlan:
@@ -108,7 +114,7 @@ def sample_presentation(rng: np.random.Generator, d: DiseaseDef, cat: Catalogue,
     history = [str(h) for h in rng.permutation(d.history)[: int(rng.integers(1, 3))]]
     if metal:
         history.append(_METAL_HISTORY[metal])
-    pres = Presentation(complaint=str(rng.choice(d.complaints)), history="; ".join(history).capitalize() + ".",
+    pres = Presentation(complaint=str(rng.choice(d.complaints)), history=_sentence_case("; ".join(history)) + ".",
                         vitals=Vitals(**vitals), labs=labs)
     return Patient(age=age, sex=sex), pres
 
@@ -121,6 +127,10 @@ def _fake_identity(rng: np.random.Generator, patient: Patient) -> dict:
     return {"name": f"{last}^{first}", "id": f"MRN{rng.integers(10**6, 10**7)}",
             "birth_date": f"{year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
             "sex": patient.sex, "age": patient.age}
+
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]  # str.capitalize() would lower-case "COPD"
 
 
 def _mentions(findings: list[dict], keys: set[str] | None = None) -> list[PlantedMention]:
@@ -221,7 +231,7 @@ def _chest_studies(rng, case_dir: Path, plan: CasePlan, d: DiseaseDef, opts: Coh
                     z0, z1 = z0 // opts.thick_factor, max(z0 // opts.thick_factor + 1, z1 // opts.thick_factor)
                 boxes.append(RoiBox(study_id="ct", label=f["key"], box=[x0, y0, z0, x1, y1, z1]))
         if metal:
-            truth_findings.append(TruthFinding(label="medical_material", study_id="ct", location=metal))
+            truth_findings.append(TruthFinding(label="medical_material", study_id="ct", location=metal.replace("_", " ")))
         reports["ct"] = write_report(_mentions(found), rng, modality="CT", technique=technique,
                                      impression_dx=d.name if rng.random() < 0.5 else None, metal=metal, cat=cat)
 
