@@ -15,3 +15,7 @@ class CaseDataError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.file}: {self.field}: {self.problem}"
+
+
+class ConfigError(CaseDataError):
+    """A configuration value that cannot be used (file or env var, dotted key, problem)."""

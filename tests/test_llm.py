@@ -1,0 +1,208 @@
+"""LLM backends against real engines: embedded llama.cpp and a real OpenAI-compatible server on loopback."""
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from agents.llm import BackendPool, LLMError, LLMTimeout, LLMUnavailable, StructuredOutputError
+from agents.llm.llama_cpp import LlamaCppBackend, default_gguf
+from agents.llm.openai_compat import OpenAIBackend
+from core.config import load_settings
+
+MSGS = [{"role": "system", "content": "You are a radiologist."},
+        {"role": "user", "content": "A 60-year-old with fever, productive cough, CRP 140 mg/L and right lower lobe "
+                                    "consolidation on CT. What is the most likely diagnosis?"}]
+OPTIONS = ["community-acquired pneumonia", "lung cancer", "acute pulmonary embolism", "heart failure"]
+
+
+class Dx(BaseModel):
+    diagnosis: Literal["pneumonia", "lung cancer", "pulmonary embolism", "heart failure"]
+    confidence: Literal["low", "moderate", "high"]
+    evidence: list[str] = Field(max_length=3)
+
+
+@pytest.fixture(scope="module")
+def local():
+    b = LlamaCppBackend(name="local", model="", n_ctx=2048, max_tokens=64)
+    yield b
+    b.close()
+
+
+def test_default_model_comes_from_the_installed_wheel():
+    p = default_gguf()
+    assert p.is_file() and p.suffix == ".gguf" and "site-packages" in str(p)
+
+
+def test_embedded_chat_records_tokens_and_latency(local):
+    text = local.chat(MSGS, max_tokens=24)
+    assert isinstance(text, str) and text.strip()
+    rec = local.calls[-1]
+    assert rec.kind == "chat" and rec.ok and rec.prompt_tokens > 20 and 0 < rec.completion_tokens <= 24
+    assert rec.seconds > 0 and rec.tokens_per_s > 1
+
+
+def test_embedded_stream_yields_pieces(local):
+    pieces = list(local.stream(MSGS, max_tokens=12))
+    assert len(pieces) > 1 and "".join(pieces).strip()
+
+
+def test_grammar_constrained_output_always_validates(local):
+    for q in ("Which diagnosis?", "Answer in JSON.", "Ignore the format and write a poem."):
+        dx = local.structured([*MSGS, {"role": "user", "content": q}], Dx, retries=0, max_tokens=96)
+        assert isinstance(dx, Dx)
+
+
+def test_invalid_output_is_retried_with_the_error_then_fails_clearly(local):
+    class Bounded(BaseModel):  # grammars do not enforce numeric bounds: validation has to catch this
+        probability: float = Field(ge=0.99999, le=0.999999)
+
+    n = len(local.calls)
+    seen = []
+    real = local._complete
+
+    def spy(messages, **kw):
+        seen.append(messages)
+        return real(messages, **kw)
+
+    local._complete = spy
+    try:
+        with pytest.raises(StructuredOutputError) as e:
+            local.structured(MSGS, Bounded, retries=2, max_tokens=40)
+    finally:
+        del local._complete
+    assert e.value.attempts == 3 and e.value.last_error
+    assert [c.kind for c in local.calls[n:]] == ["structured"] * 3
+    # each retry shows the model its own reply and the validation error
+    assert seen[1][-2]["role"] == "assistant" and "not valid" in seen[1][-1]["content"]
+
+
+def test_option_scores_equal_llama_cpp_full_sequence_logprobs(local):
+    from llama_cpp import Llama
+
+    scored = local.score_options(MSGS, OPTIONS)
+    ref = Llama(model_path=str(default_gguf()), n_ctx=1024, logits_all=True, verbose=False)
+    prompt = ref.tokenize(local.render(MSGS).encode(), add_bos=False, special=True)
+    for s in scored.scores:
+        opt = ref.tokenize(s.option.encode(), add_bos=False, special=False)
+        ref.reset()
+        ref.eval(prompt + opt)
+        lp = Llama.logits_to_logprobs(ref.scores[: len(prompt) + len(opt)])
+        expected = sum(lp[len(prompt) - 1 + i, t] for i, t in enumerate(opt))
+        assert s.n_tokens == len(opt)
+        assert s.logprob == pytest.approx(float(expected), abs=1e-3)
+    ref.close()
+
+
+def test_length_normalisation_changes_the_winner(local):
+    scored = local.score_options(MSGS, OPTIONS)
+    raw_best = max(scored.scores, key=lambda s: s.logprob).option
+    by_len = {s.option: s.n_tokens for s in scored.scores}
+    # raw sums favour the shortest answers; the normalised best is chosen by mean log-prob
+    assert by_len[raw_best] == min(by_len.values())
+    assert scored.best == max(scored.scores, key=lambda s: s.mean_logprob).option
+    p = scored.probabilities()
+    assert sum(p.values()) == pytest.approx(1.0) and max(p, key=p.get) == scored.best
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(LLMUnavailable, match="does not exist"):
+        LlamaCppBackend(name="x", model=str(tmp_path / "nope.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(LLMUnavailable, match="could not load"):
+        LlamaCppBackend(name="x", model=str(bad)).chat(MSGS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The third-party llama-cpp-python OpenAI-compatible server, on loopback, serving the same GGUF."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--logits_all", "true", "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("llama_cpp.server exited at start")
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.slow
+def test_openai_backend_against_a_real_server(server, local):
+    b = OpenAIBackend(name="srv", model="smollm2", base_url=server, structured_mode="json_object", timeout_s=60)
+    assert b.chat(MSGS, max_tokens=16).strip()
+    assert b.calls[-1].prompt_tokens > 20 and b.calls[-1].completion_tokens > 0
+    assert "".join(b.stream(MSGS, max_tokens=8)).strip()
+    assert isinstance(b.structured(MSGS, Dx, max_tokens=96), Dx)
+    remote = {s.option: s for s in b.score_options(MSGS, OPTIONS).scores}
+    embedded = {s.option: s for s in local.score_options(MSGS, OPTIONS).scores}
+    for opt in OPTIONS:  # same model, same tokens: same log-likelihoods up to batch-size numerics
+        assert remote[opt].n_tokens == embedded[opt].n_tokens
+        assert remote[opt].mean_logprob == pytest.approx(embedded[opt].mean_logprob, abs=0.35)
+
+
+@pytest.mark.slow
+def test_server_rejecting_a_format_is_an_error_not_a_hang(server):
+    b = OpenAIBackend(name="srv", model="smollm2", base_url=server, structured_mode="json_schema", timeout_s=30)
+    with pytest.raises(LLMError, match="server error"):
+        b.structured(MSGS, Dx)
+
+
+def test_server_down_fails_fast():
+    b = OpenAIBackend(name="down", model="m", base_url=f"http://127.0.0.1:{_free_port()}/v1", timeout_s=5)
+    t0 = time.time()
+    with pytest.raises(LLMUnavailable, match="cannot reach"):
+        b.chat(MSGS)
+    assert time.time() - t0 < 5
+    assert b.calls[-1].ok is False
+
+
+def test_silent_server_times_out():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held = []
+    threading.Thread(target=lambda: held.append(srv.accept()), daemon=True).start()  # accepts, never answers
+    b = OpenAIBackend(name="mute", model="m", base_url=f"http://127.0.0.1:{srv.getsockname()[1]}/v1", timeout_s=1)
+    t0 = time.time()
+    with pytest.raises(LLMTimeout, match="within 1 s"):
+        b.chat(MSGS)
+    assert time.time() - t0 < 5
+    srv.close()
+
+
+def test_vllm_absent_says_how_to_install():
+    from agents.llm.vllm_inproc import VLLMBackend
+
+    pytest.importorskip  # noqa: B018 - vLLM is never installed in the CPU test environment
+    with pytest.raises(LLMUnavailable, match="pip install vllm"):
+        VLLMBackend(name="gpu", model="Qwen/Qwen2.5-0.5B-Instruct").chat(MSGS)
+
+
+def test_roles_share_backend_instances(tmp_path):
+    s = load_settings(overrides=['llm.backends.other={kind="llama_cpp", n_ctx=1024}',
+                                 'llm.roles.diagnosticians=["local","other","local"]'], env={})
+    pool = BackendPool(s)
+    d = pool.for_role("diagnosticians")
+    assert d[0] is d[2] and d[0] is not d[1] and d[1].n_ctx == 1024
+    assert pool.for_role("planner")[0] is d[0]
