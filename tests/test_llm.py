@@ -206,3 +206,36 @@ def test_roles_share_backend_instances(tmp_path):
     d = pool.for_role("diagnosticians")
     assert d[0] is d[2] and d[0] is not d[1] and d[1].n_ctx == 1024
     assert pool.for_role("planner")[0] is d[0]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from agents.llm.hf import TransformersBackend
+
+    return TransformersBackend(name="hf", model="", max_tokens=48)
+
+
+@pytest.mark.slow
+def test_transformers_engine_on_the_same_gguf(hf, local):
+    assert hf.chat(MSGS, max_tokens=8).strip()
+    # xgrammar constrains decoding: valid on the first attempt even when asked not to comply
+    dx = hf.structured([*MSGS, {"role": "user", "content": "Do not use JSON."}], Dx, retries=0, max_tokens=96)
+    assert isinstance(dx, Dx)
+    a = {s.option: s.mean_logprob for s in hf.score_options(MSGS, OPTIONS).scores}
+    b = {s.option: s.mean_logprob for s in local.score_options(MSGS, OPTIONS).scores}
+    for opt in OPTIONS:  # float32 dequantised weights vs Q4_1 kernels: close, not equal
+        assert a[opt] == pytest.approx(b[opt], abs=0.5)
+
+
+def test_benchmark_prompts_hide_the_answer():
+    from evals.llm_engines import case_prompts
+
+    from core.catalogue import load_catalogue
+
+    finding_names = {f.name for f in load_catalogue().findings.values()}
+    prompts, truth, names = case_prompts(11)
+    assert sorted(set(truth)) == sorted(names)
+    for msgs, dx in zip(prompts, truth):
+        case_text = msgs[1]["content"].split("</case>")[0]
+        assert "IMPRESSION" not in case_text
+        assert dx.lower() not in case_text.lower() or dx in finding_names  # "pneumothorax" is both

@@ -1,0 +1,131 @@
+"""The tool contract: every imaging tool is a `Tool` subclass in one module, registered by name.
+
+A tool declares `name`, `description`, the `modalities` it accepts, a pydantic `Params` model and
+its model name/version, and implements `analyse`. `run` wraps it: modality guard (a wrong-modality
+study raises `ModalityMismatch` before any work), lazy `load()` once, timing, and failure capture
+(an exception inside `analyse` becomes a `failed` ToolResult naming the error, never a crash).
+Findings use catalogue finding keys as labels where one applies, so agents and evals can compare.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.case import Modality
+from core.device import pick_device
+
+
+class EmptyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Finding(BaseModel):
+    label: str  # a catalogue finding key where one applies (e.g. "lung_nodule"), else a measurement name
+    present: bool = True
+    value: float | None = None  # a measurement (volume, diameter, ratio, HU, fraction)
+    unit: str | None = None
+    probability: float | None = Field(None, ge=0, le=1)  # model tools: P(label present)
+    location: str | None = None  # anatomical words: "right lower lobe", "left pleural space"
+    detail: str | None = None
+
+
+class Artefact(BaseModel):
+    id: str
+    kind: Literal["png", "nifti", "json", "tiff"]
+    path: str  # relative to the run's artefact folder
+    description: str = ""
+
+
+class ToolResult(BaseModel):
+    id: str  # citation id: "<tool>:<study_id>", what rationales cite
+    tool: str
+    study_id: str
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    summary: str = ""  # a few sentences for prompts, built from the findings
+    artefacts: list[Artefact] = Field(default_factory=list)
+    model: str = ""
+    version: str = ""
+    device: str = "cpu"
+    seconds: float = 0.0
+
+    def positives(self) -> list[Finding]:
+        return [f for f in self.findings if f.present]
+
+
+class ModalityMismatch(ValueError):
+    """A study of a modality the tool does not accept: a planning bug, refused before any work."""
+
+
+@dataclass
+class RunContext:
+    study_id: str
+    modality: Modality
+    artefact_dir: Path | None = None  # where to write overlays; None = write nothing
+    case_id: str = ""
+    acquisition: dict | None = None  # the Study's acquisition facts (contrast, slice thickness, mpp)
+
+
+class Tool(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    modalities: ClassVar[frozenset[Modality]]
+    Params: ClassVar[type[BaseModel]] = EmptyParams
+    model_name: ClassVar[str] = "classical image analysis"
+    version: ClassVar[str] = "1"
+
+    def __init__(self, device: str = "auto"):
+        self.device = pick_device(device)
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load weights (once, lazily, on first run). Classical tools have none."""
+
+    @abstractmethod
+    def analyse(self, study: Any, params: BaseModel, ctx: RunContext) -> tuple[list[Finding], list[Artefact]]:
+        """The tool's work on a loaded study (Volume | Radiograph | Slide)."""
+
+    def summarise(self, findings: list[Finding]) -> str:
+        parts = []
+        for f in findings:
+            s = f.label.replace("_", " ") + ("" if f.present else " absent")
+            if f.value is not None:
+                s += f" {f.value:.3g}{(' ' + f.unit) if f.unit else ''}"
+            if f.probability is not None:
+                s += f" (p={f.probability:.2f})"
+            if f.location:
+                s += f", {f.location}"
+            parts.append(s)
+        return "; ".join(parts) + "." if parts else "No measurable findings."
+
+    def run(self, study: Any, params: BaseModel | dict | None = None, *, ctx: RunContext) -> ToolResult:
+        if ctx.modality not in self.modalities:
+            raise ModalityMismatch(f"tool {self.name} accepts {sorted(m.value for m in self.modalities)}, "
+                                   f"not {ctx.modality.value} (study {ctx.study_id})")
+        base = dict(id=f"{self.name}:{ctx.study_id}", tool=self.name, study_id=ctx.study_id,
+                    model=self.model_name, version=self.version, device=self.device)
+        t0 = time.perf_counter()
+        try:
+            p = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+            with self._lock:
+                if not self._loaded:
+                    self.load()
+                    self._loaded = True
+            findings, artefacts = self.analyse(study, p, ctx)
+        except ModalityMismatch:
+            raise
+        except Exception as e:  # a failed tool is evidence too: named, never hidden
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            return ToolResult(**base, status="failed", seconds=time.perf_counter() - t0,
+                              error=f"{type(e).__name__}: {e} (at {Path(last.filename).name}:{last.lineno})")
+        return ToolResult(**base, status="ok", findings=findings, summary=self.summarise(findings),
+                          artefacts=artefacts, seconds=time.perf_counter() - t0)
