@@ -18,6 +18,27 @@ app = typer.Typer(help="Grand Rounds: LLM agents consult on medical-imaging case
                   pretty_exceptions_enable=False, add_completion=False)
 cases_app = typer.Typer(help="Make and check case folders.", no_args_is_help=True)
 app.add_typer(cases_app, name="cases")
+tools_app = typer.Typer(help="The imaging tools.", no_args_is_help=True)
+app.add_typer(tools_app, name="tools")
+review_app = typer.Typer(help="The queue of cases waiting for a human decision.", no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+_CONFIG: dict = {"path": None, "overrides": []}
+
+
+@app.callback()
+def _global(
+    config: Annotated[Path | None, typer.Option("--config", help="Settings file (default ./grandrounds.toml).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a setting: KEY=VALUE (repeatable), "
+                                                          "e.g. --set llm.roles.planner=server")] = [],  # noqa: B006
+) -> None:
+    _CONFIG.update(path=config, overrides=list(set_))
+
+
+def _settings():
+    from core.config import load_settings
+
+    return load_settings(_CONFIG["path"], _CONFIG["overrides"])
 
 
 def _progress() -> Progress:
@@ -82,6 +103,214 @@ def cases_validate(
         err_console.print(f"{len(problems)} problem(s) in {n} case folder(s)")
         raise typer.Exit(1)
     console.print(f"{n} case folder(s) OK")
+
+
+@tools_app.command("list")
+def tools_list() -> None:
+    """The registry: name, modalities, model and version, device."""
+    from rich.table import Table
+
+    from core.device import pick_device
+    from tools.registry import tool_classes
+
+    t = Table("tool", "modalities", "model", "version", "device", "description")
+    dev = pick_device(_settings().device)
+    for name, cls in tool_classes().items():
+        t.add_row(name, ", ".join(m.value for m in cls.modalities), cls.model_name, cls.version, dev,
+                  cls.description)
+    console.print(t)
+
+
+def _verdict_panel(v) -> None:
+    from rich.panel import Panel
+
+    lines = [f"[bold]{v.diagnosis_name}[/bold]  confidence {v.confidence:.2f}  — {v.decided_by}",
+             "differential: " + ", ".join(f"{d.diagnosis} {d.probability:.2f}" for d in v.differential)]
+    for c in v.rationale:
+        mark = "" if c.valid else " [red](unsupported)[/red]"
+        lines.append(f"• {c.statement} [dim][{', '.join(c.cites)}][/dim]{mark}")
+    if v.tool_failures:
+        lines.append("[red]tool failures:[/red] " + "; ".join(v.tool_failures))
+    for w in v.warnings:
+        lines.append(f"[yellow]warning:[/yellow] {w}")
+    console.print(Panel("\n".join(lines), title=f"verdict {v.case_id}"))
+
+
+@app.command()
+def diagnose(
+    case: Annotated[Path, typer.Argument(help="A case folder (with case.yaml).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the verdict as JSON.")] = False,
+    state: Annotated[Path, typer.Option(help="Checkpoint database (the review queue lives here).")] = Path(
+        "runs/diagnose/state.sqlite"),
+    no_tools: Annotated[bool, typer.Option("--no-tools", help="Diagnose from the presentation alone.")] = False,
+) -> None:
+    """Run the consultation on one case, streaming the agents' steps."""
+    from agents.consult import Consultation
+
+    from core.case import load_case
+
+    load_case(case)  # a bad case is a one-line error before any model loads
+    c = Consultation(_settings(), state, artefact_root=state.parent / "artefacts", use_tools=not no_tools,
+                     on_event=None if as_json else (lambda m: console.print(f"[dim]›[/dim] {m}", highlight=False)))
+    try:
+        out = c.run(case)
+    finally:
+        c.close()
+    if out.verdict is None:
+        if as_json:
+            console.print_json(data={"status": "awaiting_review", "thread_id": out.thread_id})
+        else:
+            console.print(f"[yellow]The panel did not agree: waiting for human review.[/yellow] "
+                          f"grandrounds review show {out.thread_id} --state {state}")
+        return
+    if as_json:
+        print(out.verdict.model_dump_json(indent=2))
+    else:
+        _verdict_panel(out.verdict)
+
+
+@app.command()
+def batch(
+    cases: Annotated[Path, typer.Argument(help="A folder of case folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (runs/<name>); re-running resumes.")],
+    concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight at once.")] = 1,
+    no_tools: Annotated[bool, typer.Option("--no-tools")] = False,
+) -> None:
+    """Diagnose every case in a folder: results.jsonl, summary.csv, report.html; resumable."""
+    from agents.batch import run_batch
+
+    with _progress() as prog:
+        task = prog.add_task("diagnosing", total=None)
+
+        def start(total: int, skipped: int) -> None:
+            prog.update(task, total=total, completed=skipped)
+            if skipped:
+                prog.console.print(f"resuming: {skipped} case(s) already done")
+
+        def case_done(row: dict) -> None:
+            prog.advance(task)
+            v = row.get("verdict")
+            what = v["diagnosis_name"] + f" ({v['confidence']:.2f})" if v else row["status"]
+            prog.console.print(f"{row['case_id']}: {what}", highlight=False)
+
+        summary = run_batch(cases, out, _settings(), concurrency=concurrency, use_tools=not no_tools,
+                            on_start=start, on_case=case_done)
+    console.print(f"{summary['ran']} case(s) in {summary['seconds']:.0f} s ({summary['cases_per_min']:.1f}/min), "
+                  f"{summary['skipped']} skipped; {out / 'report.html'}")
+
+
+@app.command()
+def chat(
+    case: Annotated[Path, typer.Argument(help="A case folder.")],
+    state: Annotated[Path, typer.Option()] = Path("runs/chat/state.sqlite"),
+    question: Annotated[list[str], typer.Option("--ask", help="Ask non-interactively (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Terminal consultation: the panel runs, then ask follow-up questions (`/tool NAME` re-runs a tool)."""
+    from agents.chat import ChatSession
+    from agents.consult import Consultation
+    from core.case import load_case
+
+    load_case(case)
+    c = Consultation(_settings(), state, artefact_root=state.parent / "artefacts",
+                     on_event=lambda m: console.print(f"[dim]› {m}[/dim]", highlight=False))
+    try:
+        session = ChatSession(c, case)
+        if session.state.get("verdict"):
+            from agents.schemas import Verdict
+
+            _verdict_panel(Verdict.model_validate(session.state["verdict"]))
+        asked = iter(question) if question else None
+        while True:
+            q = next(asked, None) if asked else console.input("[bold]you>[/bold] ")
+            if q is None or q.strip() in ("", "/quit", "/exit"):
+                break
+            try:
+                for piece in session.ask(q):
+                    console.print(piece, end="", markup=False, highlight=False)
+            except ValueError as e:
+                console.print(f"[red]{e}[/red]")
+            console.print()
+    except (EOFError, KeyboardInterrupt):
+        console.print()
+    finally:
+        c.close()
+
+
+def _run_consultation(state: Path):
+    from agents.consult import Consultation
+
+    if not state.is_file():
+        raise CaseDataError(state, "file", "no checkpoint database here (run diagnose or batch first)")
+    return Consultation(_settings(), state)
+
+
+@review_app.command("list")
+def review_list(state: Annotated[Path, typer.Option(help="Checkpoint database, e.g. runs/demo/state.sqlite")]
+                = Path("runs/diagnose/state.sqlite")) -> None:
+    """Cases waiting for a human decision."""
+    from rich.table import Table
+
+    c = _run_consultation(state)
+    t = Table("thread", "case", "round", "panel votes")
+    for o in c.pending_reviews():
+        t.add_row(o.thread_id, o.review["case_id"], str(o.review["round"]),
+                  ", ".join(f"{x['agent']}: {x['diagnosis']}" for x in o.review["opinions"]))
+    console.print(t)
+    c.close()
+
+
+@review_app.command("show")
+def review_show(thread: str, state: Annotated[Path, typer.Option()] = Path("runs/diagnose/state.sqlite")) -> None:
+    """One waiting case: summary, tool evidence, each diagnostician's differential and rationale."""
+    c = _run_consultation(state)
+    o = next((x for x in c.pending_reviews() if x.thread_id == thread), None)
+    c.close()
+    if o is None:
+        raise CaseDataError(state, "thread", f"{thread} is not waiting for review")
+    r = o.review
+    console.print(r["summary"], markup=False)
+    for t in r["tool_results"]:
+        console.print(f"[{t['id']}] {t['status']}: {t['summary'] or t['error']}", markup=False)
+    for op in r["opinions"]:
+        console.print(f"[bold]{op['agent']}[/bold] ({op['model']}): " +
+                      ", ".join(f"{d['diagnosis']} {d['probability']:.2f}" for d in op["differential"]))
+        for cl in op["rationale"]:
+            console.print(f"   • {cl['statement']} [{', '.join(cl['cites'])}]", markup=False)
+
+
+@review_app.command("decide")
+def review_decide(
+    thread: str,
+    reviewer: Annotated[str, typer.Option(help="Your name, recorded with the decision.")],
+    approve: Annotated[str | None, typer.Option(help="Approve one of the panel's diagnoses.")] = None,
+    override: Annotated[str | None, typer.Option(help="Enter another diagnosis (any catalogue disease).")] = None,
+    send_back: Annotated[bool, typer.Option("--send-back", help="Another consultation round.")] = False,
+    reason: Annotated[str, typer.Option()] = "",
+    state: Annotated[Path, typer.Option()] = Path("runs/diagnose/state.sqlite"),
+) -> None:
+    """Decide a waiting case; the graph resumes from its checkpoint."""
+    from agents.batch import append_result, outcome_row, write_summary
+
+    if sum(x is not None and x is not False for x in (approve, override, send_back or None)) != 1:
+        raise typer.BadParameter("give exactly one of --approve, --override, --send-back")
+    action = "approve" if approve else "override" if override else "send_back"
+    c = _run_consultation(state)
+    try:
+        out = c.decide(thread, {"action": action, "diagnosis": approve or override, "reviewer": reviewer,
+                                "reason": reason})
+    except ValueError as e:
+        raise CaseDataError(state, "decision", str(e)) from None
+    finally:
+        c.close()
+    results = state.parent / "results.jsonl"
+    if results.is_file():  # a batch run: its results and summary follow the decision
+        case_id = thread.split(":")[0]
+        append_result(results, outcome_row(case_id, out, 0.0))
+        write_summary(state.parent)
+    if out.verdict:
+        _verdict_panel(out.verdict)
+    else:
+        console.print("Sent back: the panel disagreed again and the case is back in the queue.")
 
 
 def main() -> None:

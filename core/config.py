@@ -73,7 +73,9 @@ class Settings(_Strict):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runs_dir: Path = Path("runs")
-    max_rounds: int = Field(2, ge=0)  # consultation rounds before a disagreement goes to human review
+    max_rounds: int = Field(3, ge=1)  # rounds of opinions (the first + consultations) before human review
+    agreement: Literal["all", "majority"] = "all"  # what counts as the panel agreeing
+    tool_workers: int = Field(2, ge=1)
     knowledge_dir: Path = Path("knowledge_store")
 
 

@@ -36,7 +36,7 @@ diagnosticians = ["local", "server", "server"]
 @pytest.mark.parametrize("overrides,field", [
     (["llm.roles.planner=nowhere"], "llm"),
     (["llm.backends.local.kind=gpt"], "llm.backends.local.kind"),
-    (["max_rounds=-1"], "max_rounds"),
+    (["max_rounds=0"], "max_rounds"),
     (["no_such_key=1"], "no_such_key"),
 ])
 def test_bad_values_name_the_field(tmp_path, monkeypatch, overrides, field):

@@ -90,6 +90,13 @@ class Tool(ABC):
     def load(self) -> None:
         """Load weights (once, lazily, on first run). Classical tools have none."""
 
+    @classmethod
+    def relevance(cls, study: dict, complaint: str) -> str | None:
+        """Why the planner's rule wants this tool for a study (`study`: id, modality, description,
+        acquisition), or None. Default: a modality's standard analysis always runs; conditional
+        tools (metal-artefact reduction, slice interpolation) override this."""
+        return f"standard {cls.name} for {study['modality']}"
+
     @abstractmethod
     def analyse(self, study: Any, params: BaseModel, ctx: RunContext) -> tuple[list[Finding], list[Artefact]]:
         """The tool's work on a loaded study (Volume | Radiograph | Slide)."""

@@ -6,6 +6,7 @@ names a local HF folder. Structured output is grammar-constrained with xgrammar'
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ class TransformersBackend(LLMBackend):
     _model: Any = field(default=None, repr=False)
     _tok: Any = field(default=None, repr=False)
     _grammar: Any = field(default=None, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self) -> None:
         from agents.llm.llama_cpp import default_gguf
@@ -34,6 +36,10 @@ class TransformersBackend(LLMBackend):
         self.model = self.path.name
 
     def _load(self):
+        with self._lock:
+            return self._load_locked()
+
+    def _load_locked(self):
         if self._model is None:
             try:
                 from transformers import AutoModelForCausalLM, AutoTokenizer

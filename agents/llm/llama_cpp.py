@@ -41,7 +41,7 @@ class LlamaCppBackend(LLMBackend):
     seed: int = 0
     chat_format: str | None = None
     _llm: Any = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # llama.cpp is not thread-safe
 
     def __post_init__(self) -> None:
         path = Path(self.model) if self.model else default_gguf()
@@ -52,6 +52,10 @@ class LlamaCppBackend(LLMBackend):
 
     @property
     def llm(self):
+        with self._lock:  # llama.cpp's load swaps the process's stdout/stderr fds: never twice at once
+            return self._load()
+
+    def _load(self):
         if self._llm is None:
             try:
                 from llama_cpp import Llama
@@ -102,27 +106,30 @@ class LlamaCppBackend(LLMBackend):
 
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         """log P(option | prompt): the prompt is evaluated once, each option continues from its KV cache."""
+        with self._lock:
+            return self._score_locked(messages, options)
+
+    def _score_locked(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         llm = self.llm
         prompt_ids = llm.tokenize(self.render(messages).encode(), add_bos=False, special=True)
         if len(prompt_ids) + 64 > self.n_ctx:
             raise LLMError(f"{self.name}: prompt of {len(prompt_ids)} tokens does not fit n_ctx={self.n_ctx}")
         out = []
         n_vocab = llm.n_vocab()
-        with self._lock:
-            llm.reset()
-            llm.eval(prompt_ids)
-            base = llm.n_tokens
-            first = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)))
-            for opt in options:
-                ids = llm.tokenize(opt.encode(), add_bos=False, special=False)
-                # Continue from the prompt's KV cache with logits for every option token (one decode call).
-                llm._ctx.kv_cache_seq_rm(-1, base, -1)
-                llm._batch.set_batch(batch=ids, n_past=base, logits_all=True)
-                llm._ctx.decode(llm._batch)
-                rows = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(ids), n_vocab)))
-                total = first[ids[0]] + sum(rows[i - 1, ids[i]] for i in range(1, len(ids)))
-                out.append(OptionScore(opt, float(total), len(ids)))
-            llm.reset()
+        llm.reset()
+        llm.eval(prompt_ids)
+        base = llm.n_tokens
+        first = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)))
+        for opt in options:
+            ids = llm.tokenize(opt.encode(), add_bos=False, special=False)
+            # Continue from the prompt's KV cache with logits for every option token (one decode call).
+            llm._ctx.kv_cache_seq_rm(-1, base, -1)
+            llm._batch.set_batch(batch=ids, n_past=base, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            rows = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(ids), n_vocab)))
+            total = first[ids[0]] + sum(rows[i - 1, ids[i]] for i in range(1, len(ids)))
+            out.append(OptionScore(opt, float(total), len(ids)))
+        llm.reset()
         return out, len(prompt_ids)
 
     def close(self) -> None:

@@ -1,0 +1,59 @@
+"""Guideline evidence: how well each candidate disease explains the tools' findings.
+
+The catalogue's P(finding | disease) plays the part of a guideline (MACD's baseline prompts carry
+the same knowledge as text). Tool findings with a probability count as soft evidence; hard
+findings count as present/absent; findings the tools did not examine count for nothing.
+"""
+from __future__ import annotations
+
+import math
+
+from core.catalogue import Catalogue, DiseaseDef
+
+_FLOOR, _CEIL = 0.02, 0.98
+_UNLISTED = 0.03  # a finding the catalogue does not list for a disease: rare, not impossible
+
+
+def p_finding(d: DiseaseDef, key: str) -> float:
+    return min(max(d.findings.get(key, _UNLISTED), _FLOOR), _CEIL)
+
+
+def observations(tool_results: list[dict], cat: Catalogue) -> list[dict]:
+    """Catalogue-keyed observations from ok tool results: key, p (P(present) per the tool), source id."""
+    obs = []
+    for r in tool_results:
+        if r.get("status") != "ok":
+            continue
+        for f in r.get("findings", []):
+            label = f["label"]
+            if label.startswith("slide_class:") and f.get("probability") is not None:
+                obs.append({"key": label, "p": float(f["probability"]), "source": r["id"], "finding": f})
+            elif label in cat.findings:
+                p = f.get("probability")
+                p = (1.0 if f.get("present", True) else 0.0) if p is None else float(p)
+                obs.append({"key": label, "p": p, "source": r["id"], "finding": f})
+    return obs
+
+
+def log_likelihood(d: DiseaseDef, obs: list[dict]) -> float:
+    ll = 0.0
+    for o in obs:
+        if o["key"].startswith("slide_class:"):
+            if d.slide_class:
+                cls = o["key"].split(":", 1)[1]
+                q = min(max(o["p"], 1e-3), 1 - 1e-3)
+                ll += math.log(q) if cls == d.slide_class else 0.0
+            continue
+        pf = p_finding(d, o["key"])
+        ll += math.log(o["p"] * pf + (1 - o["p"]) * (1 - pf))
+    return ll
+
+
+def supporting(d: DiseaseDef, rival: DiseaseDef | None, obs: list[dict], n: int = 3) -> list[dict]:
+    """The observations that most favour d over its rival (largest log-likelihood ratio)."""
+    def lr(o):
+        one = log_likelihood(d, [o])
+        return one - (log_likelihood(rival, [o]) if rival else 0.0)
+
+    ranked = sorted((o for o in obs if lr(o) > 0), key=lr, reverse=True)
+    return ranked[:n]
