@@ -71,16 +71,31 @@ def _rationale_model(ids: list[str]) -> type[BaseModel]:
     return create_model("Rationale", claims=(list[claim], Field(min_length=1, max_length=3)))
 
 
+_NULL_CACHE: dict[tuple, dict[str, float]] = {}
+
+
+def null_scores(llm: LLMBackend, persona: Persona, names: list[str]) -> dict[str, float]:
+    """Each candidate's score given a content-free case: the model's prior bias towards some names
+    (contextual calibration, Zhao et al. 2021), subtracted so the case's content decides."""
+    key = (id(llm), persona.name, tuple(names))
+    if key not in _NULL_CACHE:
+        msgs = [{"role": "system", "content": f"{persona.system} {DATA_RULE}"},
+                {"role": "user", "content": "<case>\nN/A\n</case>\nWhat is the single most likely diagnosis?"}]
+        _NULL_CACHE[key] = {s.option: s.mean_logprob for s in llm.score_options(msgs, names).scores}
+    return _NULL_CACHE[key]
+
+
 def diagnose(*, agent: str, persona: Persona, llm: LLMBackend, cat: Catalogue, domain: str, summary: str,
              tool_results: list[dict], insights: list[dict], round_: int, peers: list[dict],
-             previous: dict | None, llm_temperature: float = 0.5, write_rationale: bool = True) -> Opinion:
+             previous: dict | None, llm_temperature: float = 1.0, write_rationale: bool = True) -> Opinion:
     candidates = [d for d in cat.diseases.values() if d.domain == domain]
     evidence = _evidence_text(tool_results, insights)
     peer_text = _peers_text(peers, cat)
     user = f"{summary}\n{evidence}\n{peer_text}\nWhat is the single most likely diagnosis?".replace("\n\n", "\n")
     msgs = [{"role": "system", "content": f"{persona.system} {DATA_RULE}"}, {"role": "user", "content": user}]
     scored = llm.score_options(msgs, [d.name for d in candidates])
-    by_name = {s.option: s.mean_logprob for s in scored.scores}
+    null = null_scores(llm, persona, [d.name for d in candidates])
+    by_name = {s.option: s.mean_logprob - null[s.option] for s in scored.scores}
     obs = observations(tool_results, cat)
     logit = {}
     for d in candidates:
