@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, create_model
 
-from agents.evidence import log_likelihood, observations, supporting
+from agents.evidence import learned_rates, log_likelihood, observations, supporting
 from agents.llm.base import LLMBackend, LLMError
 from agents.schemas import Claim, Opinion, Ranked
 from core.catalogue import Catalogue
@@ -46,7 +46,8 @@ def _evidence_text(tool_results: list[dict], insights: list[dict]) -> str:
         else:
             lines.append(f"[{r['id']}] FAILED: {r['error']}")
     for i in insights:
-        lines.append(f"[{i['id']}] insight ({i.get('disease', '')}): {i['text']}")
+        if i.get("in_prompt", True):
+            lines.append(f"[{i['id']}] insight ({i.get('disease_name', i.get('disease', ''))}): {i['text']}")
     return "Evidence:\n" + ("\n".join(lines) if lines else "(no tool evidence)")
 
 
@@ -97,9 +98,10 @@ def diagnose(*, agent: str, persona: Persona, llm: LLMBackend, cat: Catalogue, d
     null = null_scores(llm, persona, [d.name for d in candidates])
     by_name = {s.option: s.mean_logprob - null[s.option] for s in scored.scores}
     obs = observations(tool_results, cat)
+    learned = learned_rates(insights)
     logit = {}
     for d in candidates:
-        z = by_name[d.name] / llm_temperature + persona.evidence_weight * log_likelihood(d, obs) + math.log(d.weight)
+        z = by_name[d.name] / llm_temperature + persona.evidence_weight * log_likelihood(d, obs, learned) + math.log(d.weight)
         if peers:  # being persuaded: colleagues' probabilities as a prior, stronger each round
             mean_p = sum(next((r["probability"] for r in p["differential"] if r["diagnosis"] == d.key), 0.0)
                          for p in peers) / len(peers)
@@ -111,7 +113,7 @@ def diagnose(*, agent: str, persona: Persona, llm: LLMBackend, cat: Catalogue, d
     runner = cat.diseases[ranked[1][0]] if len(ranked) > 1 else None
     claims = [Claim(statement=_evidence_statement(o, cat.diseases[top], runner, cat), cites=[o["source"]])
               for o in supporting(cat.diseases[top], runner, obs)]
-    ids = [r["id"] for r in tool_results if r["status"] == "ok"] + [i["id"] for i in insights]
+    ids = [r["id"] for r in tool_results if r["status"] == "ok"] + [i["id"] for i in insights if i.get("in_prompt", True)]
     if write_rationale and ids:
         try:
             extra = llm.structured([*msgs, {"role": "assistant", "content": cat.diseases[top].name},

@@ -14,8 +14,24 @@ _FLOOR, _CEIL = 0.02, 0.98
 _UNLISTED = 0.03  # a finding the catalogue does not list for a disease: rare, not impossible
 
 
-def p_finding(d: DiseaseDef, key: str) -> float:
+def p_finding(d: DiseaseDef, key: str, learned: dict | None = None) -> float:
+    """P(the tools report `key` | d): learned from data when a statistic insight exists (it knows the
+    tools' real sensitivity), else the catalogue's guideline value."""
+    if learned and (d.key, key) in learned:
+        return min(max(learned[(d.key, key)], _FLOOR), _CEIL)
     return min(max(d.findings.get(key, _UNLISTED), _FLOOR), _CEIL)
+
+
+def learned_rates(insights: list[dict]) -> dict:
+    """(disease, finding) -> rate from statistic insights (shrunk towards 0.5 by their support)."""
+    out = {}
+    for i in insights:
+        if i.get("kind") == "statistic" and i.get("finding") and i.get("rate_with") is not None:
+            n = i.get("support") or 0
+            out[(i["disease"], i["finding"])] = (i["rate_with"] * n + 0.5) / (n + 1)
+            if i.get("rate_without") is not None:
+                out.setdefault(("*other*", i["finding"]), i["rate_without"])
+    return out
 
 
 def observations(tool_results: list[dict], cat: Catalogue) -> list[dict]:
@@ -35,7 +51,7 @@ def observations(tool_results: list[dict], cat: Catalogue) -> list[dict]:
     return obs
 
 
-def log_likelihood(d: DiseaseDef, obs: list[dict]) -> float:
+def log_likelihood(d: DiseaseDef, obs: list[dict], learned: dict | None = None) -> float:
     ll = 0.0
     for o in obs:
         if o["key"].startswith("slide_class:"):
@@ -44,7 +60,7 @@ def log_likelihood(d: DiseaseDef, obs: list[dict]) -> float:
                 q = min(max(o["p"], 1e-3), 1 - 1e-3)
                 ll += math.log(q) if cls == d.slide_class else 0.0
             continue
-        pf = p_finding(d, o["key"])
+        pf = p_finding(d, o["key"], learned)
         ll += math.log(o["p"] * pf + (1 - o["p"]) * (1 - pf))
     return ll
 

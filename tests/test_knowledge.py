@@ -1,0 +1,94 @@
+"""Knowledge store: versions, provenance, atomic publish, offline embeddings, retrieval in the graph."""
+import socket
+
+import pytest
+
+from knowledge.schema import Insight
+from knowledge.store import KnowledgeStore
+from knowledge.transfer import diff, export_jsonl, import_jsonl
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a non-loopback socket fails the test."""
+    real = socket.socket.connect
+
+    def guarded(self, addr):
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("/"):
+            raise AssertionError(f"network access attempted: {addr}")
+        return real(self, addr)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def _ins(text, disease="pneumonia", kind="general", **kw):
+    return Insight(text=text, disease=disease, kind=kind, source_model="test-model", provenance=["c1", "c2"], **kw)
+
+
+def test_versions_and_provenance(tmp_path):
+    s = KnowledgeStore(tmp_path)
+    assert s.current_version() == 0 and s.query("fever and consolidation") == []
+    v1 = s.publish([_ins("Lobar consolidation with fever favours pneumonia."),
+                    _ins("Effusion volume above 200 mL", "heart_failure", "statistic", finding="pleural_effusion",
+                         rate_with=0.8, rate_without=0.1, support=10)])
+    v2 = s.publish([_ins("Air bronchograms within consolidation suggest infection.")])
+    assert (v1, v2) == (1, 2) and s.current_version() == 2
+    assert [i.text for i in s.insights()] == ["Air bronchograms within consolidation suggest infection."]
+    old = s.insights(1)
+    assert len(old) == 2 and all(i.version == 1 and i.provenance == ["c1", "c2"] for i in old)
+    assert all(i.id.startswith("insight:v1:") for i in old)
+    only_a, only_b = diff(s, 1, 2)
+    assert len(only_a) == 2 and len(only_b) == 1
+    s.set_current(1)
+    hit = s.query("fever, productive cough, lobar consolidation", domain="chest", k=1)
+    assert hit[0].text.startswith("Lobar consolidation")
+
+
+def test_crash_mid_publish_keeps_previous_version(tmp_path, monkeypatch):
+    s = KnowledgeStore(tmp_path)
+    s.publish([_ins("criterion one")])
+    import knowledge.store as ks
+
+    def crash(self, m):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ks.KnowledgeStore, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        s.publish([_ins("half-written criterion")])
+    monkeypatch.undo()
+    s2 = KnowledgeStore(tmp_path)  # a fresh process's view
+    assert s2.current_version() == 1 and [i.text for i in s2.insights()] == ["criterion one"]
+    assert all("half-written" not in i.text for i in s2.query("criterion", k=5))
+    v = s2.publish([_ins("criterion two")])  # the stray entries of the unfinished version are cleaned
+    assert v == 2 and s2.col.count() == 2
+
+
+def test_export_import_moves_knowledge(tmp_path):
+    a = KnowledgeStore(tmp_path / "a")
+    a.publish([_ins("Cavitation in an upper-lobe lesion suggests tuberculosis.", "tuberculosis", "rare")])
+    n = export_jsonl(a, tmp_path / "k.jsonl")
+    b = KnowledgeStore(tmp_path / "b")
+    v = import_jsonl(b, tmp_path / "k.jsonl")
+    got = b.insights(v)
+    assert n == 1 and got[0].disease == "tuberculosis" and got[0].source_model == "test-model"
+    (tmp_path / "bad.jsonl").write_text('{"text": ""}\n')
+    from core.errors import CaseDataError
+
+    with pytest.raises(CaseDataError, match="line 1"):
+        import_jsonl(b, tmp_path / "bad.jsonl")
+
+
+def test_learned_statistics_change_the_evidence_term():
+    from agents.evidence import learned_rates, log_likelihood, observations
+    from core.catalogue import load_catalogue
+
+    cat = load_catalogue()
+    results = [{"id": "t:ct", "status": "ok", "findings": [{"label": "pleural_effusion", "present": True}]}]
+    obs = observations(results, cat)
+    hf = cat.diseases["heart_failure"]
+    before = log_likelihood(hf, obs)
+    stat = _ins("x", "heart_failure", "statistic", finding="pleural_effusion", rate_with=0.2, rate_without=0.1,
+                support=20).model_dump()
+    after = log_likelihood(hf, obs, learned_rates([stat]))
+    assert after < before  # the tools rarely report effusion in heart failure: weaker evidence
