@@ -22,6 +22,8 @@ tools_app = typer.Typer(help="The imaging tools.", no_args_is_help=True)
 app.add_typer(tools_app, name="tools")
 review_app = typer.Typer(help="The queue of cases waiting for a human decision.", no_args_is_help=True)
 app.add_typer(review_app, name="review")
+knowledge_app = typer.Typer(help="Learned diagnostic knowledge (MACD), versioned in ChromaDB.", no_args_is_help=True)
+app.add_typer(knowledge_app, name="knowledge")
 
 _CONFIG: dict = {"path": None, "overrides": []}
 
@@ -143,6 +145,7 @@ def diagnose(
     state: Annotated[Path, typer.Option(help="Checkpoint database (the review queue lives here).")] = Path(
         "runs/diagnose/state.sqlite"),
     no_tools: Annotated[bool, typer.Option("--no-tools", help="Diagnose from the presentation alone.")] = False,
+    no_knowledge: Annotated[bool, typer.Option("--no-knowledge", help="Ignore learned knowledge.")] = False,
 ) -> None:
     """Run the consultation on one case, streaming the agents' steps."""
     from agents.consult import Consultation
@@ -151,7 +154,7 @@ def diagnose(
 
     load_case(case)  # a bad case is a one-line error before any model loads
     c = Consultation(_settings(), state, artefact_root=state.parent / "artefacts", use_tools=not no_tools,
-                     on_event=None if as_json else (lambda m: console.print(f"[dim]›[/dim] {m}", highlight=False)))
+                     knowledge=_knowledge_source(not no_knowledge), on_event=None if as_json else (lambda m: console.print(f"[dim]›[/dim] {m}", highlight=False)))
     try:
         out = c.run(case)
     finally:
@@ -175,6 +178,7 @@ def batch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (runs/<name>); re-running resumes.")],
     concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight at once.")] = 1,
     no_tools: Annotated[bool, typer.Option("--no-tools")] = False,
+    no_knowledge: Annotated[bool, typer.Option("--no-knowledge", help="Ignore learned knowledge.")] = False,
 ) -> None:
     """Diagnose every case in a folder: results.jsonl, summary.csv, report.html; resumable."""
     from agents.batch import run_batch
@@ -194,7 +198,7 @@ def batch(
             prog.console.print(f"{row['case_id']}: {what}", highlight=False)
 
         summary = run_batch(cases, out, _settings(), concurrency=concurrency, use_tools=not no_tools,
-                            on_start=start, on_case=case_done)
+                            knowledge=_knowledge_source(not no_knowledge), on_start=start, on_case=case_done)
     console.print(f"{summary['ran']} case(s) in {summary['seconds']:.0f} s ({summary['cases_per_min']:.1f}/min), "
                   f"{summary['skipped']} skipped; {out / 'report.html'}")
 
@@ -311,6 +315,101 @@ def review_decide(
         _verdict_panel(out.verdict)
     else:
         console.print("Sent back: the panel disagreed again and the case is back in the queue.")
+
+
+def _store(path: Path | None):
+    from knowledge.store import KnowledgeStore
+
+    return KnowledgeStore(path or _settings().knowledge_dir)
+
+
+def _knowledge_source(use: bool):
+    """The store's current version for the graph, when one exists and the user did not opt out."""
+    if not use:
+        return None
+    from knowledge.apply import StoreKnowledge
+
+    settings = _settings()
+    if not (Path(settings.knowledge_dir) / "versions.json").is_file():
+        return None
+    store = _store(None)
+    return StoreKnowledge(store) if store.current_version() else None
+
+
+@knowledge_app.command("learn")
+def knowledge_learn(
+    cases: Annotated[Path, typer.Option("--cases", help="Solved cases (with truth) to learn from.")],
+    store: Annotated[Path | None, typer.Option(help="Store folder (default: settings.knowledge_dir).")] = None,
+    seed: Annotated[int, typer.Option(help="Learn/validation split seed.")] = 0,
+    feedback: Annotated[list[Path], typer.Option(help="Run state.sqlite whose reviewer decisions to learn from.")]
+    = [],  # noqa: B006
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="Statistics only (no LLM-written criteria).")] = False,
+) -> None:
+    """Learn a new knowledge version: tool statistics + LLM criteria, refined on a validation split."""
+    from agents.batch import find_cases
+    from agents.llm.factory import BackendPool
+    from knowledge.feedback import reviewed_cases
+    from knowledge.learn import learn
+
+    settings = _settings()
+    dirs = find_cases(cases)
+    fb = [c for db in feedback for c in reviewed_cases(db)]
+    llm = None if no_llm else BackendPool(settings).for_role("knowledge")[0]
+    with _progress() as prog:
+        task = prog.add_task("running tools on solved cases", total=len(dirs))
+        v, report = learn(dirs, _store(store), llm, seed=seed, feedback=fb, on_case=lambda _: prog.advance(task))
+    console.print(f"knowledge version {v}: {report['kept']} insights kept of {report['candidates']} "
+                  f"({report['learn_cases']} learn cases incl. {len(fb)} reviewed, {report['validation_cases']} "
+                  f"validation); evidence-only validation accuracy {report['accuracy_all']:.3f} -> "
+                  f"{report['accuracy_final']:.3f}")
+
+
+@knowledge_app.command("show")
+def knowledge_show(store: Annotated[Path | None, typer.Option()] = None,
+                   version: Annotated[int | None, typer.Option()] = None) -> None:
+    """The insights of a version (default: current), with provenance and validation gain."""
+    from rich.table import Table
+
+    s = _store(store)
+    m = s.manifest()
+    console.print(f"current version {m['current']}; versions: " +
+                  ", ".join(f"v{x['version']} ({x['n']}, {x['created']})" for x in m["versions"]))
+    t = Table("id", "disease", "kind", "model", "text", "cases", "gain")
+    for i in s.insights(version):
+        t.add_row(i.id, i.disease, i.kind, i.source_model, i.text, str(len(i.provenance)),
+                  "" if i.validation_gain is None else f"{i.validation_gain:+.3f}")
+    console.print(t)
+
+
+@knowledge_app.command("diff")
+def knowledge_diff(a: int, b: int, store: Annotated[Path | None, typer.Option()] = None) -> None:
+    """What changed between two versions."""
+    from knowledge.transfer import diff
+
+    only_a, only_b = diff(_store(store), a, b)
+    for i in only_a:
+        console.print(f"[red]- v{a}[/red] {i.disease} ({i.kind}): {i.text}", highlight=False)
+    for i in only_b:
+        console.print(f"[green]+ v{b}[/green] {i.disease} ({i.kind}): {i.text}", highlight=False)
+
+
+@knowledge_app.command("export")
+def knowledge_export(path: Path, store: Annotated[Path | None, typer.Option()] = None,
+                     version: Annotated[int | None, typer.Option()] = None) -> None:
+    """Write a version as JSON lines (move knowledge between installations or models)."""
+    from knowledge.transfer import export_jsonl
+
+    console.print(f"{export_jsonl(_store(store), path, version)} insights -> {path}")
+
+
+@knowledge_app.command("import")
+def knowledge_import(path: Path, store: Annotated[Path | None, typer.Option()] = None) -> None:
+    """Publish the insights of a JSON-lines file as a new version."""
+    from knowledge.transfer import import_jsonl
+
+    if not path.is_file():
+        raise CaseDataError(path, "file", "does not exist")
+    console.print(f"imported as version {import_jsonl(_store(store), path)}")
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def write_summary(run: Path, cases: dict[str, Path] | None = None) -> Path:
 
 def run_batch(cases_dir: Path, run: Path, settings: Settings, *, concurrency: int = 1, use_tools: bool = True,
               on_start: Callable[[int, int], None] | None = None, on_case: Callable[[dict], None] | None = None,
-              on_event=None, with_truth: bool = True) -> dict:
+              on_event=None, with_truth: bool = True, knowledge=None) -> dict:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     results = run / "results.jsonl"
@@ -104,7 +104,7 @@ def run_batch(cases_dir: Path, run: Path, settings: Settings, *, concurrency: in
     if on_start:
         on_start(len(cases), len(cases) - len(todo))
     consult = Consultation(settings, run / "state.sqlite", artefact_root=run / "artefacts", use_tools=use_tools,
-                           on_event=on_event)
+                           on_event=on_event, knowledge=knowledge)
     t0 = time.perf_counter()
     finished = 0
 
