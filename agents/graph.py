@@ -107,7 +107,8 @@ def build_graph(services: Services, checkpointer=None):
         previous = ops.get(f"{rnd - 1}:{agent}")
         op = diagnose(agent=agent, persona=persona, llm=panel[i], cat=cat, domain=st["domain"],
                       summary=st["summary"], tool_results=st.get("tool_results", []),
-                      insights=st.get("insights", []), round_=rnd, peers=peers, previous=previous)
+                      insights=st.get("insights", []), round_=rnd, peers=peers, previous=previous,
+                      write_rationale=settings.llm_rationale)
         services.emit(f"round {rnd} {agent} ({op.model}): {cat.diseases[op.diagnosis].name} "
                       f"p={op.differential[0].probability:.2f}")
         return {"opinions": {f"{rnd}:{agent}": op.model_dump()}}

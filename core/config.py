@@ -76,6 +76,7 @@ class Settings(_Strict):
     max_rounds: int = Field(3, ge=1)  # rounds of opinions (the first + consultations) before human review
     agreement: Literal["all", "majority"] = "all"  # what counts as the panel agreeing
     tool_workers: int = Field(2, ge=1)
+    llm_rationale: bool = True  # diagnosticians also write free-text claims (evals may turn this off for speed)
     knowledge_dir: Path = Path("knowledge_store")
 
 

@@ -92,3 +92,40 @@ def test_learned_statistics_change_the_evidence_term():
                 support=20).model_dump()
     after = log_likelihood(hf, obs, learned_rates([stat]))
     assert after < before  # the tools rarely report effusion in heart failure: weaker evidence
+
+
+def _solved(cid, dx, findings, domain="chest"):
+    from knowledge.learn import SolvedCase
+
+    return SolvedCase(cid, dx, domain, "<case>x</case>", [{"id": "ct_analysis:ct", "status": "ok", "findings": [
+        {"label": k, "present": v} for k, v in findings.items()]}])
+
+
+def test_statistics_are_computed_from_tool_reports_with_their_numbers():
+    from core.catalogue import load_catalogue
+    from knowledge.learn import statistics
+
+    cases = ([_solved(f"hf{i}", "heart_failure", {"pleural_effusion": i < 8, "consolidation": False})
+              for i in range(10)] +
+             [_solved(f"pn{i}", "pneumonia", {"pleural_effusion": i < 2, "consolidation": i < 9}) for i in range(10)])
+    ins = {(i.disease, i.finding): i for i in statistics(cases, load_catalogue())}
+    hf = ins[("heart_failure", "pleural_effusion")]
+    assert (hf.rate_with, hf.rate_without, hf.support) == (0.8, 0.2, 10)
+    assert "80%" in hf.text and "20%" in hf.text and set(hf.provenance) == {f"hf{i}" for i in range(10)}
+    assert ins[("pneumonia", "consolidation")].rate_with == 0.9
+
+
+def test_refine_drops_statistics_that_hurt_validation():
+    from core.catalogue import load_catalogue
+    from knowledge.learn import refine, statistics
+
+    cat = load_catalogue()
+    learn = ([_solved(f"hf{i}", "heart_failure", {"pleural_effusion": True, "cardiomegaly": i < 9}) for i in range(10)]
+             + [_solved(f"pn{i}", "pneumonia", {"pleural_effusion": False, "consolidation": True}) for i in range(10)])
+    # validation where pneumonia comes with effusion: "pneumonia never has effusion", learned above, misleads
+    val = [_solved(f"v{i}", "pneumonia", {"pleural_effusion": True, "consolidation": True}) for i in range(6)]
+    final, report = refine(statistics(learn, cat), val, cat)
+    hurt = [dx for dx, g in report["groups"].items() if g["gain"] < 0]
+    assert hurt, report
+    assert not any(i.disease in hurt and i.kind == "statistic" for i in final)
+    assert report["accuracy_final"] > report["accuracy_all"]
