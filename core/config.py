@@ -69,6 +69,17 @@ class LLMConfig(_Strict):
         return [(n, self.backends[n]) for n in ([names] if isinstance(names, str) else names)]
 
 
+class WebConfig(_Strict):
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    port: int = Field(8765, ge=1, le=65535)
+    token_env: str = "GRANDROUNDS_WEB_TOKEN"  # a shared access token, read from this env var
+    users: dict[str, str] = Field(default_factory=dict)  # name -> "pbkdf2_sha256$iterations$salt$hash"
+    upload_max_mb: float = Field(200.0, gt=0)
+    reads_required: int = Field(1, ge=1)  # independent reviewer reads before the graph resumes
+    cases_dir: Path = Path("examples/cases")  # cases offered in the picker
+    run_dir: Path = Path("runs/web")  # checkpoints, review queue, uploads, artefacts
+
+
 class Settings(_Strict):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -78,6 +89,7 @@ class Settings(_Strict):
     tool_workers: int = Field(2, ge=1)
     llm_rationale: bool = True  # diagnosticians also write free-text claims (evals may turn this off for speed)
     knowledge_dir: Path = Path("knowledge_store")
+    web: WebConfig = Field(default_factory=WebConfig)
 
 
 def _parse_value(raw: str) -> Any:
