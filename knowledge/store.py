@@ -90,9 +90,11 @@ class KnowledgeStore:
         v = self.next_version()
         self._drop_unpublished()
         items = [i.model_copy(update={"version": v}).with_id() for i in insights]
-        if items:
-            self.col.upsert(ids=[i.id for i in items], documents=[i.text for i in items],
-                            embeddings=embed([i.text for i in items]).tolist(), metadatas=[_flat(i) for i in items])
+        step = max(1, min(self.client.get_max_batch_size(), 4096))  # Chroma caps one write's size
+        for a in range(0, len(items), step):
+            chunk = items[a:a + step]
+            self.col.upsert(ids=[i.id for i in chunk], documents=[i.text for i in chunk],
+                            embeddings=embed([i.text for i in chunk]).tolist(), metadatas=[_flat(i) for i in chunk])
         m = self.manifest()
         m["versions"].append({"version": v, "created": now(), "n": len(items), "note": note,
                               "source_model": source_model})

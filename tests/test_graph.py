@@ -39,6 +39,8 @@ class Scripted(LLMBackend):
                           else '{"claims": []}' if json_schema else "ok", 1, 1, 0.0)
 
     def _score(self, messages, options):
+        if "<case>\nN/A\n</case>" in messages[-1]["content"]:  # the content-free calibration prompt: no preference
+            return [OptionScore(o, -5.0, 1) for o in options], 1
         consulted = "Colleagues' current opinions" in messages[-1]["content"]
         want = CAT.diseases[self.answers[min(int(consulted), len(self.answers) - 1)]].name
         return [OptionScore(o, 0.0 if o == want else -60.0, 1) for o in options], 1

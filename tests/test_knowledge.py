@@ -129,3 +129,31 @@ def test_refine_drops_statistics_that_hurt_validation():
     assert hurt, report
     assert not any(i.disease in hurt and i.kind == "statistic" for i in final)
     assert report["accuracy_final"] > report["accuracy_all"]
+
+
+def test_graph_retrieves_and_shows_insights(tmp_path, monkeypatch):
+    import json
+
+    from agents.consult import Consultation
+    from core.config import load_settings
+    from knowledge.apply import StoreKnowledge
+    from tests.test_graph import PNEUMONIA, Measuring, ScriptedPool
+    from tools import registry
+
+    monkeypatch.setattr(registry, "_CLASSES", {"measuring": Measuring})
+    monkeypatch.setattr(registry, "TOOL_MODULES", [])
+    store = KnowledgeStore(tmp_path / "k")
+    store.publish([_ins("Fever with lobar consolidation and raised CRP indicates bacterial pneumonia."),
+                   _ins("Tools report consolidation in 90% of pneumonia cases", kind="statistic",
+                        finding="consolidation", rate_with=0.9, rate_without=0.1, support=12)])
+    s = load_settings(env={})
+    pool = ScriptedPool(s, [["pneumonia"]] * 3)
+    prompts = []
+    for b in pool.panel:
+        orig = b._score
+        b._score = lambda m, o, orig=orig: (prompts.append(json.dumps(m)), orig(m, o))[1]
+    c = Consultation(s, tmp_path / "s.sqlite", llms=pool, knowledge=StoreKnowledge(store))
+    out = c.run(PNEUMONIA)
+    ins = c.state(out.thread_id)["insights"]
+    assert {i["kind"] for i in ins} == {"general", "statistic"}
+    assert all(i["id"] in "".join(prompts) for i in ins if i["in_prompt"])
