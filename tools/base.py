@@ -127,6 +127,7 @@ class Tool(ABC):
                 if not self._loaded:
                     self.load()
                     self._loaded = True
+            base.update(model=self.model_name, version=self.version)  # load() may set them from a checkpoint
             findings, artefacts = self.analyse(study, p, ctx)
         except ModalityMismatch:
             raise
