@@ -412,6 +412,38 @@ def knowledge_import(path: Path, store: Annotated[Path | None, typer.Option()] =
     console.print(f"imported as version {import_jsonl(_store(store), path)}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default settings web.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default settings web.port).", min=1, max=65535)] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Checkpoints, review queue, uploads, "
+                                                                   "results (default settings web.run_dir).")] = None,
+    review_only: Annotated[bool, typer.Option("--review-only", help="Only the review queue; no model is loaded.")]
+    = False,
+    no_knowledge: Annotated[bool, typer.Option("--no-knowledge", help="Ignore learned knowledge.")] = False,
+) -> None:
+    """The web page: chat consultation and the review queue (log in with a token or a user's password)."""
+    import uvicorn
+
+    from web.server import create_app
+
+    settings = _settings()
+    web = settings.web.model_copy(update={k: v for k, v in (("host", host), ("port", port), ("run_dir", run_dir))
+                                          if v is not None})
+    settings = settings.model_copy(update={"web": web})
+    application = create_app(settings, knowledge=None if review_only else _knowledge_source(not no_knowledge),
+                             review_only=review_only)
+    url = f"http://{web.host}:{web.port}/"
+    if application.state.generated_token:
+        console.print(f"No {web.token_env} and no \\[web.users] set: this run's access token is "
+                      f"[bold]{application.state.generated_token}[/bold]", highlight=False)
+    console.print(f"Grand Rounds on {url} (run folder {web.run_dir}); users: `python -m web.auth NAME` prints a "
+                  f"password hash for \\[web.users]", highlight=False)
+    if web.host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"warning: listening on {web.host}, not loopback: put TLS in front of it")
+    uvicorn.run(application, host=web.host, port=web.port, log_level="info")
+
+
 def main() -> None:
     try:
         app()

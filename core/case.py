@@ -122,7 +122,7 @@ class Truth(_Model):
 
 
 class Case(_Model):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # no leading dot: ids name folders
     patient: Patient
     presentation: Presentation
     studies: list[Study] = Field(default_factory=list)
