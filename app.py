@@ -115,11 +115,14 @@ def tools_list() -> None:
     from core.device import pick_device
     from tools.registry import tool_classes
 
-    t = Table("tool", "modalities", "model", "version", "device", "description")
+    t = Table()
+    t.add_column("tool", no_wrap=True)
+    for col in ("modalities", "model", "version", "device", "description"):
+        t.add_column(col, overflow="fold")
     dev = pick_device(_settings().device)
     for name, cls in tool_classes().items():
         t.add_row(name, ", ".join(m.value for m in cls.modalities), cls.model_name, cls.version, dev,
-                  cls.description)
+                  cls.description.split(". ")[0])
     console.print(t)
 
 
