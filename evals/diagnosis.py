@@ -34,10 +34,14 @@ def pooled(opinions: list[dict]) -> list[tuple[str, float]]:
     return sorted(mean.items(), key=lambda kv: kv[1], reverse=True)
 
 
-def run_condition(cases: list[Path], use_tools: bool, settings, pool, state_db: Path, knowledge=None) -> list[dict]:
+def run_condition(cases: list[Path], use_tools: bool, settings, pool, state_db: Path, knowledge=None,
+                  log: Path | None = None) -> list[dict]:
     c = Consultation(settings, state_db, llms=pool, use_tools=use_tools, knowledge=knowledge)
-    rows = []
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log and log.is_file() else []
+    done = {r["case"] for r in rows}  # resume: cases already in the log are kept, not rerun
     for case_dir in cases:
+        if case_dir.name in done:
+            continue
         truth = load_case(case_dir).truth.diagnosis
         t0 = time.perf_counter()
         out = c.run(case_dir)  # a fresh thread per case: nothing carries over
@@ -54,6 +58,9 @@ def run_condition(cases: list[Path], use_tools: bool, settings, pool, state_db: 
         row.update(case=case_dir.name, truth=truth, top3=[d for d, _ in diff[:3]], seconds=time.perf_counter() - t0,
                    rounds=st["round"])
         rows.append(row)
+        if log is not None:  # progressive, so a long eval can be read while it runs
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     c.checkpointer.conn.close()
     return rows
 
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/eval_diagnosis"))
     ap.add_argument("--ct-size", default="64,96,96")
     ap.add_argument("--conditions", default="tools,no_tools")
+    ap.add_argument("--resume", action="store_true", help="keep cases already in each condition's log")
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.ct_size.split(","))
     ids = generate_cohort(args.n, args.seed, args.cohort, CohortOptions.for_grid(shape, xr_shape=(192, 192),
@@ -93,8 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for cond in args.conditions.split(","):
-        rows = run_condition(cases, cond == "tools", settings, pool, args.out / f"{cond}.sqlite")
-        (args.out / f"{cond}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        log = args.out / f"{cond}.jsonl"
+        if not args.resume:
+            log.unlink(missing_ok=True)
+        rows = run_condition(cases, cond == "tools", settings, pool, args.out / f"{cond}.sqlite", log=log)
         results[cond] = metrics(rows)
         print(cond, json.dumps({k: _fmt(v) for k, v in results[cond].items()}), flush=True)
     keys = ["n", "top1", "top3", "agreement", "review", "citation_validity", "ece", "sec_per_case"]
