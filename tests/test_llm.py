@@ -191,10 +191,10 @@ def test_silent_server_times_out():
     srv.close()
 
 
-def test_vllm_absent_says_how_to_install():
+def test_vllm_absent_says_how_to_install(monkeypatch):
     from agents.llm.vllm_inproc import VLLMBackend
 
-    pytest.importorskip  # noqa: B018 - vLLM is never installed in the CPU test environment
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on a CPU host, even where vLLM happens to be installed
     with pytest.raises(LLMUnavailable, match="pip install vllm"):
         VLLMBackend(name="gpu", model="Qwen/Qwen2.5-0.5B-Instruct").chat(MSGS)
 

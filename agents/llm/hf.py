@@ -48,6 +48,7 @@ class TransformersBackend(LLMBackend):
             if self.n_threads:
                 torch.set_num_threads(self.n_threads)
             kw = {"gguf_file": self.path.name} if self.path.is_file() else {}
+            kw["local_files_only"] = True  # a local file or folder only: never the hub
             src = str(self.path.parent if self.path.is_file() else self.path)
             try:
                 self._tok = AutoTokenizer.from_pretrained(src, **kw)
