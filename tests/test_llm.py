@@ -98,6 +98,30 @@ def test_option_scores_equal_llama_cpp_full_sequence_logprobs(local):
     ref.close()
 
 
+def test_prefix_cache_reuse_gives_the_cold_scores_and_saves_prompt_work(local):
+    """The panel's prompts share the case text: a warm call must score exactly as a cold one, and
+    a completion right after scoring must start from the cached prompt."""
+    from llama_cpp import Llama
+
+    other = [MSGS[0], {"role": "user", "content": MSGS[1]["content"] + " Answer as a radiologist."}]
+    local.llm.reset()
+    cold = {s.option: s.logprob for s in local.score_options(other, OPTIONS).scores}
+    local.score_options(MSGS, OPTIONS)  # leaves MSGS's prompt in the cache
+    evaluated = []
+    real_eval = Llama.eval
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Llama, "eval", lambda self, toks: (evaluated.append(len(toks)), real_eval(self, toks))[1])
+        warm = {s.option: s.logprob for s in local.score_options(other, OPTIONS).scores}
+        n_prompt = len(local.llm.tokenize(local.render(other).encode(), add_bos=False, special=True))
+        assert evaluated and evaluated[0] < n_prompt / 2  # only the differing tail was evaluated
+        evaluated.clear()
+        local.chat([*other, {"role": "assistant", "content": "Pneumonia"}, {"role": "user", "content": "Why?"}],
+                   max_tokens=4)
+        assert evaluated and evaluated[0] < 40  # the scored prompt was reused by the completion
+    for k, v in cold.items():
+        assert warm[k] == pytest.approx(v, abs=1e-3)
+
+
 def test_length_normalisation_changes_the_winner(local):
     scored = local.score_options(MSGS, OPTIONS)
     raw_best = max(scored.scores, key=lambda s: s.logprob).option

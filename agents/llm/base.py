@@ -7,6 +7,7 @@ log-likelihood. Every call appends a `CallRecord` (tokens, latency) to `backend.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -121,6 +122,11 @@ class LLMBackend(ABC):
     @abstractmethod
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         """(scores, prompt tokens)."""
+
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """Hold the engine for a run of related calls, so one engine's prompt cache serves them all
+        (an in-process engine that reuses the KV cache of a shared prompt prefix overrides this)."""
+        return contextlib.nullcontext()
 
     # -- public API
     def chat(self, messages: list[Message], *, max_tokens: int | None = None,

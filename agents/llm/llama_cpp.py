@@ -104,6 +104,9 @@ class LlamaCppBackend(LLMBackend):
         bos = llm._model.token_get_text(llm.token_bos())
         return Jinja2ChatFormatter(template=tpl, eos_token=eos, bos_token=bos)(messages=messages).prompt
 
+    def exclusive(self):
+        return self._lock
+
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         """log P(option | prompt): the prompt is evaluated once, each option continues from its KV cache."""
         with self._lock:
@@ -116,8 +119,15 @@ class LlamaCppBackend(LLMBackend):
             raise LLMError(f"{self.name}: prompt of {len(prompt_ids)} tokens does not fit n_ctx={self.n_ctx}")
         out = []
         n_vocab = llm.n_vocab()
-        llm.reset()
-        llm.eval(prompt_ids)
+        # Reuse the KV cache of the longest prefix shared with what the engine last saw (the panel's
+        # prompts share the case text); one token is always re-evaluated to refresh the logits.
+        keep = 0
+        for a, b in zip(llm._input_ids.tolist(), prompt_ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(prompt_ids[keep:])
         base = llm.n_tokens
         first = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)))
         for opt in options:
@@ -129,7 +139,9 @@ class LlamaCppBackend(LLMBackend):
             rows = _log_softmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(ids), n_vocab)))
             total = first[ids[0]] + sum(rows[i - 1, ids[i]] for i in range(1, len(ids)))
             out.append(OptionScore(opt, float(total), len(ids)))
-        llm.reset()
+        # Leave the prompt cached (options dropped) so a following completion on the same prefix starts warm.
+        llm._ctx.kv_cache_seq_rm(-1, base, -1)
+        llm._requires_eval = True
         return out, len(prompt_ids)
 
     def close(self) -> None:
