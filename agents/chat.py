@@ -60,7 +60,11 @@ class ChatSession:
 
     def ask(self, question: str) -> Iterator[str]:
         calls = self.tools_requested(question)
-        if calls:
+        if calls:  # a re-run sees the study as the panel did: the plan's restorations go first
+            planned = [PlannedCall.model_validate(c) for c in (self.state.get("plan") or {}).get("calls", [])]
+            restore = [c for c in planned if tool_classes()[c.tool].stage == "restore"
+                       and any(c.study_id == x.study_id for x in calls) and c.tool not in {x.tool for x in calls}]
+            calls = restore + calls
             art = self.c.services.artefact_root / self.state["case_id"] if self.c.services.artefact_root else None
             fresh = {r.id: r.model_dump() for r in run_planned(self.case_dir, calls, art)}
             merged = {r["id"]: r for r in self.state.get("tool_results", [])}

@@ -45,7 +45,8 @@ def _evidence_text(tool_results: list[dict], insights: list[dict]) -> str:
     lines = []
     for r in tool_results:
         if r["status"] == "ok":
-            lines.append(f"[{r['id']}] {r['summary']}")
+            on = f" (read after {', '.join(r['input_from'])})" if r.get("input_from") else ""
+            lines.append(f"[{r['id']}] {r['summary']}{on}")
         else:
             lines.append(f"[{r['id']}] FAILED: {r['error']}")
     for i in insights:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agents.consult import Consultation
@@ -194,3 +195,55 @@ def test_no_identifying_value_reaches_prompts_or_logs(tmp_path, caplog):
     blob = "\n".join(seen) + caplog.text + json.dumps(c.state(out.thread_id), default=str)
     for value in phi:
         assert value not in blob
+
+
+class Doubling(Tool):
+    """A stand-in restoration: doubles the slices, so downstream tools can tell what they received."""
+    name = "doubling"
+    description = "restores metal cases"
+    modalities = frozenset({Modality.CT})
+    stage = "restore"
+    order = 0
+
+    @classmethod
+    def relevance(cls, study, complaint):
+        return "metal in the field" if study["acquisition"].get("metal") else None
+
+    def analyse(self, study, params, ctx):
+        from dataclasses import replace
+
+        ctx.restored = replace(study, array=np.repeat(study.array, 2, axis=0),
+                               spacing=(study.spacing[0] / 2, *study.spacing[1:]))
+        return [Finding(label="metal_artefact_reduced")], []
+
+
+class BrokenRestore(Doubling):
+    name = "broken_restore"
+    order = 1
+
+    def analyse(self, study, params, ctx):
+        raise RuntimeError("reconstruction diverged")
+
+
+def test_restoration_runs_first_and_analysis_sees_its_output(monkeypatch):
+    from agents.planner import plan_tools
+    from agents.run_tools import run_planned
+    from core.case import load_case
+
+    monkeypatch.setattr(registry, "_CLASSES", {"measuring": Measuring, "doubling": Doubling,
+                                               "broken_restore": BrokenRestore})
+    monkeypatch.setattr(registry, "TOOL_MODULES", [])
+    metal, plain = Path("examples/cases/s2026-0002"), Path("examples/cases/s2026-0000")
+    studies = lambda d: [s.model_dump(mode="json") for s in load_case(d).studies]  # noqa: E731
+    assert {c.tool for c in plan_tools("", studies(plain), None).calls} == {"measuring"}
+    plan = plan_tools("", studies(metal), None)
+    assert {c.tool for c in plan.calls} == {"measuring", "doubling", "broken_restore"}
+    res = {r.tool: r for r in run_planned(metal, list(reversed(plan.calls)), device="cpu")}
+    n = load_case(metal).study("ct")
+    assert res["doubling"].status == "ok" and res["doubling"].input_from == []
+    assert res["broken_restore"].status == "failed" and "reconstruction diverged" in res["broken_restore"].error
+    # the analysis ran on the doubled volume, names what restored it, and the failure fell back cleanly
+    assert res["measuring"].input_from == ["doubling:ct"]
+    from core.imaging.load import load_study
+
+    assert res["measuring"].findings[0].value == 2 * load_study(metal, n).array.shape[0]

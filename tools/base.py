@@ -56,6 +56,7 @@ class ToolResult(BaseModel):
     version: str = ""
     device: str = "cpu"
     seconds: float = 0.0
+    input_from: list[str] = Field(default_factory=list)  # ids of the restoration results this ran on
 
     def positives(self) -> list[Finding]:
         return [f for f in self.findings if f.present]
@@ -72,6 +73,7 @@ class RunContext:
     artefact_dir: Path | None = None  # where to write overlays; None = write nothing
     case_id: str = ""
     acquisition: dict | None = None  # the Study's acquisition facts (contrast, slice thickness, mpp)
+    restored: Any = None  # a restoration tool puts its output study here; later tools on the study receive it
 
 
 class Tool(ABC):
@@ -81,6 +83,10 @@ class Tool(ABC):
     Params: ClassVar[type[BaseModel]] = EmptyParams
     model_name: ClassVar[str] = "classical image analysis"
     version: ClassVar[str] = "1"
+    # "restore" tools (metal-artefact reduction, slice synthesis) run first, in `order`, each on the
+    # previous one's output; "analyse" tools then receive the restored study.
+    stage: ClassVar[Literal["restore", "analyse"]] = "analyse"
+    order: ClassVar[int] = 0
 
     def __init__(self, device: str = "auto"):
         self.device = pick_device(device)
