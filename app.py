@@ -347,6 +347,9 @@ def knowledge_learn(
     feedback: Annotated[list[Path], typer.Option(help="Run state.sqlite whose reviewer decisions to learn from.")]
     = [],  # noqa: B006
     no_llm: Annotated[bool, typer.Option("--no-llm", help="Statistics only (no LLM-written criteria).")] = False,
+    panel_check: Annotated[bool, typer.Option(help="Validate the LLM-written criteria with the diagnostician "
+                                              "panel on the validation split (slower; without it they are not "
+                                              "validated).")] = True,
 ) -> None:
     """Learn a new knowledge version: tool statistics + LLM criteria, refined on a validation split."""
     from agents.batch import find_cases
@@ -357,14 +360,23 @@ def knowledge_learn(
     settings = _settings()
     dirs = find_cases(cases)
     fb = [c for db in feedback for c in reviewed_cases(db)]
-    llm = None if no_llm else BackendPool(settings).for_role("knowledge")[0]
+    pool = BackendPool(settings)
+    llm = None if no_llm else pool.for_role("knowledge")[0]
+    panel = pool.for_role("diagnosticians") if llm is not None and panel_check else None
     with _progress() as prog:
         task = prog.add_task("running tools on solved cases", total=len(dirs))
-        v, report = learn(dirs, _store(store), llm, seed=seed, feedback=fb, on_case=lambda _: prog.advance(task))
+        v, report = learn(dirs, _store(store), llm, seed=seed, feedback=fb, on_case=lambda _: prog.advance(task),
+                          panel=panel)
     console.print(f"knowledge version {v}: {report['kept']} insights kept of {report['candidates']} "
                   f"({report['learn_cases']} learn cases incl. {len(fb)} reviewed, {report['validation_cases']} "
                   f"validation); evidence-only validation accuracy {report['accuracy_all']:.3f} -> "
                   f"{report['accuracy_final']:.3f}")
+    if "panel" in report:
+        pr = report["panel"]
+        kept = sorted(dx for dx, g in pr["criteria_groups"].items() if g["kept"])
+        console.print(f"panel validation accuracy: no knowledge {pr['accuracy_none']:.3f}, statistics "
+                      f"{pr['accuracy_statistics']:.3f}, all criteria {pr['accuracy_all']:.3f}, kept "
+                      f"{pr['accuracy_final']:.3f}; criteria kept for: {', '.join(kept) or 'none'}")
 
 
 @knowledge_app.command("show")

@@ -4,13 +4,15 @@
    pleural effusion in 80% of heart failure cases vs 12% of others" with its numbers;
 2. summarise: per disease, the LLM writes general and rare criteria from up to 30 solved cases;
 3. refine: keep a diverse subset (MMR on embeddings) and only insight groups that do not lower
-   accuracy on the validation split (per-disease group ablation).
+   accuracy on the validation split: statistics per disease through the evidence scorer (cheap,
+   no LLM), then the LLM-written criteria per disease through the real panel (the criteria only
+   act through the prompt, so only the panel can tell whether they help).
 Solved cases are cases with truth: a generated cohort, or cases a reviewer decided (human feedback).
 """
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,12 +20,14 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from agents.diagnostician import PERSONAS, diagnose
 from agents.intake import intake
 from agents.llm.base import LLMBackend, LLMError
 from agents.planner import plan_tools
 from agents.run_tools import run_planned
 from core.case import load_case
 from core.catalogue import Catalogue, load_catalogue
+from knowledge.apply import InsightIndex
 from knowledge.schema import Insight
 from knowledge.store import KnowledgeStore, embed
 
@@ -160,10 +164,12 @@ def evidence_accuracy(cases: list[SolvedCase], insights: list[Insight], cat: Cat
     return hits / max(len(cases), 1)
 
 
-def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue,
-           per_disease: int = 10) -> tuple[list[Insight], dict]:
+def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue, per_disease: int = 10,
+           panel: list[LLMBackend] | None = None, model: str | None = None,
+           on_case: Callable | None = None) -> tuple[list[Insight], dict]:
     """Diverse subset per disease, then drop any disease's statistic group whose removal does not hurt
-    validation accuracy of the evidence scorer (its gain is recorded on each kept insight)."""
+    validation accuracy of the evidence scorer (its gain is recorded on each kept insight); with a
+    panel, the criteria are then checked the same way by the panel itself (`panel_refine`)."""
     by_dx: dict[str, list[Insight]] = defaultdict(list)
     for i in insights:
         by_dx[i.disease].append(i)
@@ -182,7 +188,83 @@ def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue
                 continue  # this disease's statistics lower validation accuracy: left out of the version
             final.append(i.model_copy(update={"validation_gain": gain if i.kind == "statistic" else None}))
     report["accuracy_final"] = evidence_accuracy(validation, final, cat)
+    if panel and validation and any(i.kind != "statistic" for i in final):
+        final, report["panel"] = panel_refine(final, validation, cat, panel, model=model, on_case=on_case)
     return final, report
+
+
+def panel_verdicts(cases: list[SolvedCase], index: InsightIndex | None, cat: Catalogue, panel: list[LLMBackend],
+                   on_case: Callable | None = None) -> dict[str, str]:
+    """The panel's round-1 answer per case: majority vote, ties broken by mean probability (the
+    graph's verdict when the panel agrees; the cheapest faithful proxy when it does not)."""
+    out = {}
+    for c in cases:
+        ins = index.retrieve(c.summary, c.domain, c.tool_results) if index is not None else []
+        ops = [diagnose(agent=f"{PERSONAS[n % len(PERSONAS)].name}-{n + 1}", persona=PERSONAS[n % len(PERSONAS)],
+                        llm=llm, cat=cat, domain=c.domain, summary=c.summary, tool_results=c.tool_results,
+                        insights=ins, round_=1, peers=[], previous=None, write_rationale=False)
+               for n, llm in enumerate(panel)]
+        votes = Counter(o.diagnosis for o in ops)
+        mean: dict[str, float] = defaultdict(float)
+        for o in ops:
+            for r in o.differential:
+                mean[r.diagnosis] += r.probability
+        out[c.case_id] = max(votes, key=lambda d: (votes[d], mean[d]))
+        if on_case:
+            on_case(c.case_id)
+    return out
+
+
+def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue, panel: list[LLMBackend],
+                 model: str | None = None, on_case: Callable | None = None) -> tuple[list[Insight], dict]:
+    """Keep a disease's criteria only if the panel, on the validation cases whose prompts they
+    reach, is at least as accurate with them as without them; criteria no validation prompt used
+    have no evidence for them and are left out. Last, if the kept criteria together still lower
+    accuracy below statistics alone, none are kept."""
+    cands = [i.with_id() if not i.id else i for i in insights]
+    full = InsightIndex(cands, model=model)
+    truth = {c.case_id: c.diagnosis for c in validation}
+
+    def acc(v: dict[str, str]) -> float:
+        return sum(v[c] == truth[c] for c in truth) / len(truth)
+
+    stat_pos = [n for n, i in enumerate(cands) if i.kind == "statistic"]
+    v_none = panel_verdicts(validation, None, cat, panel, on_case)
+    v_stats = panel_verdicts(validation, full.subset(stat_pos), cat, panel, on_case)
+    v_full = panel_verdicts(validation, full, cat, panel, on_case)
+    in_prompt = {c.case_id: {i["id"] for i in full.retrieve(c.summary, c.domain, c.tool_results) if i["in_prompt"]}
+                 for c in validation}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for n, i in enumerate(cands):
+        if i.kind != "statistic":
+            groups[i.disease].append(n)
+    report = {"accuracy_none": acc(v_none), "accuracy_statistics": acc(v_stats), "accuracy_all": acc(v_full),
+              "criteria_groups": {}}
+    keep_pos, gains = list(stat_pos), {}
+    for dx, pos in sorted(groups.items()):
+        ids = {cands[n].id for n in pos}
+        affected = [c for c in validation if in_prompt[c.case_id] & ids]
+        if not affected:
+            report["criteria_groups"][dx] = {"criteria": len(pos), "affected": 0, "gain": None, "kept": False}
+            continue
+        rest = [n for n in range(len(cands)) if n not in set(pos)]
+        v = {**v_full, **panel_verdicts(affected, full.subset(rest), cat, panel, on_case)}
+        gain = acc(v_full) - acc(v)
+        ok = gain >= 0
+        report["criteria_groups"][dx] = {"criteria": len(pos), "affected": len(affected), "gain": gain, "kept": ok}
+        if ok:
+            keep_pos += pos
+            gains.update({n: gain for n in pos})
+    keep_pos.sort()
+    has_criteria = any(cands[n].kind != "statistic" for n in keep_pos)
+    v_final = panel_verdicts(validation, full.subset(keep_pos), cat, panel, on_case) if has_criteria else v_stats
+    report["accuracy_final"] = acc(v_final)
+    if acc(v_final) < acc(v_stats):
+        keep_pos, report["criteria_dropped_together"] = list(stat_pos), True
+        report["accuracy_final"] = acc(v_stats)
+    out = [cands[n].model_copy(update={"id": "", "validation_gain": gains[n]}) if n in gains
+           else cands[n].model_copy(update={"id": ""}) for n in keep_pos]
+    return out, report
 
 
 def split(case_dirs: list[Path], seed: int, val_fraction: float = 0.3) -> tuple[list[Path], list[Path]]:
@@ -193,15 +275,20 @@ def split(case_dirs: list[Path], seed: int, val_fraction: float = 0.3) -> tuple[
 
 
 def learn(case_dirs: list[Path], store: KnowledgeStore, llm: LLMBackend | None, *, seed: int = 0,
-          feedback: list[SolvedCase] = (), on_case: Callable | None = None) -> tuple[int, dict]:
+          feedback: list[SolvedCase] = (), on_case: Callable | None = None, panel: list[LLMBackend] | None = None,
+          solved: tuple[list[SolvedCase], list[SolvedCase]] | None = None) -> tuple[int, dict]:
+    """A new knowledge version from solved cases. `panel`: the diagnosticians that will use the
+    knowledge, to validate the LLM-written criteria (None: criteria are kept unvalidated).
+    `solved`: (learn, validation) cases already collected, so several learn runs share tool work."""
     cat = load_catalogue()
-    learn_dirs, val_dirs = split(case_dirs, seed)
-    learn_cases = collect(learn_dirs, feedback, on_case)
-    val_cases = collect(val_dirs, (), on_case)
+    if solved is None:
+        learn_dirs, val_dirs = split(case_dirs, seed)
+        solved = (collect(learn_dirs, feedback, on_case), collect(val_dirs, (), on_case))
+    learn_cases, val_cases = solved
     insights = statistics(learn_cases, cat)
     if llm is not None:
         insights += summarise(learn_cases, cat, llm)
-    final, report = refine(insights, val_cases, cat)
+    final, report = refine(insights, val_cases, cat, panel=panel, model=llm.model if llm else None)
     report.update(learn_cases=len(learn_cases), candidates=len(insights), kept=len(final))
     v = store.publish(final, note=json.dumps({k: report[k] for k in ("learn_cases", "validation_cases", "kept")}),
                       source_model=llm.model if llm else "data")

@@ -124,7 +124,8 @@ class KnowledgeStore:
         return sorted((i for i in out if include_retired or not i.retired), key=lambda i: (i.disease, i.kind, i.id))
 
     def query(self, text: str, *, domain: str | None = None, diseases: list[str] | None = None,
-              model: str | None = None, k: int = 5, version: int | None = None) -> list[Insight]:
+              model: str | None = None, k: int = 5, version: int | None = None,
+              kinds: list[str] | None = None) -> list[Insight]:
         v = self.current_version() if version is None else version
         if v == 0:
             return []
@@ -133,6 +134,8 @@ class KnowledgeStore:
             conds.append({"domain": domain})
         if diseases:
             conds.append({"disease": {"$in": list(diseases)}})
+        if kinds:
+            conds.append({"kind": {"$in": list(kinds)}})
         where = conds[0] if len(conds) == 1 else {"$and": conds}
         n = self.col.count()
         if n == 0:

@@ -97,8 +97,9 @@ def test_learned_statistics_change_the_evidence_term():
 def _solved(cid, dx, findings, domain="chest"):
     from knowledge.learn import SolvedCase
 
-    return SolvedCase(cid, dx, domain, "<case>x</case>", [{"id": "ct_analysis:ct", "status": "ok", "findings": [
-        {"label": k, "present": v} for k, v in findings.items()]}])
+    return SolvedCase(cid, dx, domain, "<case>x</case>", [{"id": "ct_analysis:ct", "status": "ok", "summary": "CT read",
+                                                          "findings": [{"label": k, "present": v}
+                                                                       for k, v in findings.items()]}])
 
 
 def test_statistics_are_computed_from_tool_reports_with_their_numbers():
@@ -157,3 +158,67 @@ def test_graph_retrieves_and_shows_insights(tmp_path, monkeypatch):
     ins = c.state(out.thread_id)["insights"]
     assert {i["kind"] for i in ins} == {"general", "statistic"}
     assert all(i["id"] in "".join(prompts) for i in ins if i["in_prompt"])
+
+
+class _Swayed:
+    """A panel member whose answer the prompt's insight text decides (scripted, real LLMBackend API)."""
+
+    @staticmethod
+    def make(name):
+        from agents.llm.base import LLMBackend, OptionScore
+        from core.catalogue import load_catalogue
+
+        cat = load_catalogue()
+
+        class Swayed(LLMBackend):
+            def _complete(self, messages, *, max_tokens, temperature, json_schema):
+                raise AssertionError("refinement never asks for text")
+
+            def _score(self, messages, options):
+                text = messages[-1]["content"]
+                if "<case>\nN/A\n</case>" in text:
+                    return [OptionScore(o, -5.0, 1) for o in options], 1
+                text = text.lower()
+                want = ("lung_cancer" if "spiculated" in text else "pneumonia" if "bronchial breathing" in text
+                        else "heart_failure")
+                return [OptionScore(o, 0.0 if o == cat.diseases[want].name else -60.0, 1) for o in options], 1
+
+        return Swayed(name=name, model=f"swayed-{name}")
+
+
+def test_panel_refine_keeps_criteria_that_help_and_drops_those_that_mislead():
+    from core.catalogue import load_catalogue
+    from knowledge.learn import panel_refine
+
+    cat = load_catalogue()
+    panel = [_Swayed.make(f"d{i}") for i in range(3)]
+    val = [_solved(f"v{i}", "pneumonia", {}) for i in range(4)]
+    helps = _ins("Bronchial breathing over one lobe points to pneumonia.", disease="pneumonia")
+    misleads = _ins("A spiculated margin on any opacity means lung cancer.", disease="lung_cancer", kind="rare")
+    unused = _ins("Keratin pearls mark squamous cell carcinoma.", disease="lung_squamous_cell_carcinoma", kind="general",
+                  domain="pathology")
+    final, rep = panel_refine([helps, misleads, unused], val, cat, panel)
+    assert rep["accuracy_all"] == 0.0 and rep["accuracy_none"] == 0.0  # misled / unhelped panel: heart failure
+    g = rep["criteria_groups"]
+    assert g["lung_cancer"]["kept"] is False and g["lung_cancer"]["gain"] < 0
+    assert g["pneumonia"]["kept"] is True and g["lung_squamous_cell_carcinoma"]["affected"] == 0 and not g["lung_squamous_cell_carcinoma"]["kept"]
+    assert [i.text for i in final] == [helps.text] and rep["accuracy_final"] == 1.0
+
+
+def test_in_memory_index_retrieves_what_the_store_does(tmp_path):
+    from knowledge.apply import InsightIndex, StoreKnowledge
+
+    ins = [_ins("Fever with lobar consolidation and raised CRP indicates bacterial pneumonia."),
+           _ins("Pleuritic pain with a wedge-shaped opacity suggests pulmonary embolism.", disease="pulmonary_embolism"),
+           _ins("Bilateral effusions with cardiomegaly favour heart failure.", disease="heart_failure", kind="rare"),
+           _ins("Hyperinflation and bullae indicate COPD.", disease="copd"),
+           _ins("Tools report consolidation in 90% of pneumonia cases", kind="statistic",
+                finding="consolidation", rate_with=0.9, rate_without=0.1, support=12)]
+    store = KnowledgeStore(tmp_path / "k")
+    store.publish(ins)
+    evidence = [{"id": "ct_analysis:ct", "status": "ok", "findings": [{"label": "consolidation", "present": True}]}]
+    summary = "Fever, cough and lobar consolidation on CT."
+    a = StoreKnowledge(store, k=2, prompt_k=2).retrieve(summary, "chest", evidence)
+    b = InsightIndex(ins, k=2, prompt_k=2).retrieve(summary, "chest", evidence)
+    assert [(i["text"], i["in_prompt"]) for i in a] == [(i["text"], i["in_prompt"]) for i in b]
+    assert a[0]["text"].startswith("Fever with lobar") and a[-1]["kind"] == "statistic" and not a[-1]["in_prompt"]
