@@ -28,9 +28,10 @@ class Consultation:
     """A compiled graph bound to its services and a sqlite checkpoint file."""
 
     def __init__(self, settings: Settings, state_db: str | Path, *, artefact_root: Path | None = None,
-                 on_event=None, use_tools: bool = True, llms: BackendPool | None = None, knowledge=None):
+                 on_event=None, use_tools: bool = True, llms: BackendPool | None = None, knowledge=None,
+                 tool_cache: dict | None = None):
         self.services = Services(settings=settings, llms=llms or BackendPool(settings), artefact_root=artefact_root,
-                                 use_tools=use_tools, on_event=on_event)
+                                 use_tools=use_tools, on_event=on_event, tool_cache=tool_cache)
         if knowledge is not None:
             self.services.knowledge = knowledge
         self.checkpointer = open_checkpointer(state_db)

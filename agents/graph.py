@@ -83,7 +83,13 @@ def build_graph(services: Services, checkpointer=None):
     def n_tools(state: ConsultState) -> dict:
         calls = Plan.model_validate(state["plan"]).calls
         art = services.artefact_root / state["case_id"] if services.artefact_root else None
-        results = run_planned(state["case_dir"], calls, art, services.tool_device, settings.tool_workers)
+        key = (state["case_dir"], tuple((c.tool, c.study_id) for c in calls))
+        if services.tool_cache is not None and key in services.tool_cache:
+            results = services.tool_cache[key]
+        else:
+            results = run_planned(state["case_dir"], calls, art, services.tool_device, settings.tool_workers)
+            if services.tool_cache is not None:
+                services.tool_cache[key] = results
         for r in results:
             services.emit(f"tool {r.id}: {r.status} in {r.seconds:.2f} s — " + (r.summary or r.error or ""))
         return {"tool_results": [r.model_dump() for r in results]}

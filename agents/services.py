@@ -31,6 +31,9 @@ class Services:
     use_tools: bool = True  # evals turn tools off to measure what they add
     tool_device: str = "auto"
     on_event: object = None  # callable(str) for streaming progress to a CLI, or None
+    # evals run one case under several conditions; tools are deterministic, so their results can be
+    # shared between runs (key: case folder + planned calls). None: always run.
+    tool_cache: dict | None = None
 
     def emit(self, text: str) -> None:
         if callable(self.on_event):

@@ -3,15 +3,18 @@ the same model, with statistics only, and with knowledge transferred from anothe
 
     python -m evals.knowledge --n 150 --seed 5150
 
-The cohort is split by seed into learn / validation / test (40/20/40). Knowledge is learned on
-learn (+ validation for refinement), then the full consultation (tools on) runs on test under
-each condition, every case in a fresh thread. 95% Wilson intervals; paired difference counts.
+The cohort is split by seed: 60% learn+validation (split 70/30 by the learn step, so 42/18 of
+the whole) and 40% test. Knowledge is learned on learn, refined on validation (statistics by the
+evidence scorer, LLM-written criteria by the panel itself), then the full consultation (tools on)
+runs on test under each condition, every case in a fresh thread, all conditions sharing one set
+of tool results. 95% Wilson intervals; paired difference counts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from core.synth.cohort import CohortOptions, generate_cohort
 from evals.diagnosis import metrics, run_condition
 from evals.stats import wilson
 from knowledge.apply import StoreKnowledge
-from knowledge.learn import learn
+from knowledge.learn import collect, learn, split
 from knowledge.store import KnowledgeStore
 from knowledge.transfer import export_jsonl, import_jsonl
 
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=5150)
     ap.add_argument("--cohort", type=Path, default=Path("runs/knowledge_cohort"))
     ap.add_argument("--out", type=Path, default=Path("runs/eval_knowledge"))
+    ap.add_argument("--no-panel-check", action="store_true", help="refine criteria without the panel "
+                    "(the previous, evidence-only refinement)")
     ap.add_argument("--transfer-engine", default="transformers", help="backend kind that writes the transferred "
                     "knowledge ('none' to skip)")
     args = ap.parse_args(argv)
@@ -45,28 +50,38 @@ def main(argv: list[str] | None = None) -> dict:
     settings = load_settings(overrides=["llm_rationale=false"])
     pool = BackendPool(settings)
     local = pool.for_role("knowledge")[0]
+    panel = None if args.no_panel_check else pool.for_role("diagnosticians")
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.out))
+    t0 = time.perf_counter()
+    fit_dirs, val_dirs = split(learn_dirs, args.seed)
+    solved = (collect(fit_dirs), collect(val_dirs))  # tools run once; every learn run below reuses them
+    print(f"tools on {len(learn_dirs)} learn+validation cases: {time.perf_counter() - t0:.0f} s", flush=True)
     stores = {}
     same = KnowledgeStore(tmp / "same")
-    v, rep = learn(learn_dirs, same, local, seed=args.seed)
+    v, rep = learn(learn_dirs, same, local, seed=args.seed, panel=panel, solved=solved)
     stores["same_model"] = (same, v, rep)
+    print("same_model refinement:", json.dumps(rep.get("panel", {})), flush=True)
     stats = KnowledgeStore(tmp / "stats")
-    v, rep = learn(learn_dirs, stats, None, seed=args.seed)
+    v, rep = learn(learn_dirs, stats, None, seed=args.seed, solved=solved)
     stores["statistics_only"] = (stats, v, rep)
     if args.transfer_engine != "none":
         other = backend_from_config("other", BackendConfig(kind=args.transfer_engine))
         src = KnowledgeStore(tmp / "other_src")
-        _, rep = learn(learn_dirs, src, other, seed=args.seed)
+        # refined by the panel that will use it; the other engine runs the same weights, so its own
+        # panel would score alike, only slower
+        _, rep = learn(learn_dirs, src, other, seed=args.seed, panel=panel, solved=solved)
+        print("transferred refinement:", json.dumps(rep.get("panel", {})), flush=True)
         export_jsonl(src, tmp / "transfer.jsonl")
         dst = KnowledgeStore(tmp / "transferred")
         v = import_jsonl(dst, tmp / "transfer.jsonl")
         stores[f"transferred_from_{args.transfer_engine}"] = (dst, v, rep)
     results, rows_by = {}, {}
-    rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, tmp / "none.sqlite")
+    tool_cache: dict = {}  # every condition sees the same tool results; only the knowledge differs
+    rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, tmp / "none.sqlite", tool_cache=tool_cache)
     for name, (store, v, rep) in stores.items():
         rows_by[name] = run_condition(test_dirs, True, settings, pool, tmp / f"{name}.sqlite",
-                                      knowledge=StoreKnowledge(store, version=v))
+                                      knowledge=StoreKnowledge(store, version=v), tool_cache=tool_cache)
     base = {r["case"]: r["top1"] == r["truth"] for r in rows_by["no_knowledge"]}
     for name, rows in rows_by.items():
         m = metrics(rows)

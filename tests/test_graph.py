@@ -145,6 +145,29 @@ def test_tool_failure_is_named_and_lowers_confidence(tmp_path, monkeypatch):
     assert any("measuring:ct" in c.cites and c.valid for c in ok.rationale)
 
 
+def test_shared_tool_cache_runs_each_tool_once_across_conditions(tmp_path, monkeypatch):
+    runs = []
+
+    class Counting(Measuring):
+        name = "counting"
+
+        def analyse(self, study, params, ctx):
+            runs.append(ctx.study_id)
+            return super().analyse(study, params, ctx)
+
+    monkeypatch.setattr(registry, "_CLASSES", {"counting": Counting})
+    monkeypatch.setattr(registry, "TOOL_MODULES", [])
+    s = load_settings(env={})
+    cache: dict = {}
+    a = Consultation(s, tmp_path / "a.sqlite", llms=ScriptedPool(s, [["pneumonia"]] * 3), tool_cache=cache)
+    b = Consultation(s, tmp_path / "b.sqlite", llms=ScriptedPool(s, [["heart_failure"]] * 3), tool_cache=cache)
+    va, vb = a.run(PNEUMONIA).verdict, b.run(PNEUMONIA).verdict
+    assert runs == ["ct"] and va.tools_used == vb.tools_used == ["counting:ct"]
+    assert (va.diagnosis, vb.diagnosis) == ("pneumonia", "heart_failure")
+    Consultation(s, tmp_path / "c.sqlite", llms=ScriptedPool(s, [["pneumonia"]] * 3)).run(PNEUMONIA)
+    assert runs == ["ct", "ct"]  # without a cache the tool runs again
+
+
 def test_modality_guard_refuses_before_running():
     from tools.base import ModalityMismatch, RunContext
 
