@@ -77,7 +77,9 @@ def cases_generate(
 
         def tick(case) -> None:
             prog.advance(task)
-            prog.console.log(f"{case.id}: {case.truth.diagnosis} [{', '.join(s.id for s in case.studies)}]")
+            # markup=False: "[ct, xr]" would otherwise be read as a Rich style tag and vanish
+            prog.console.log(f"{case.id}: {case.truth.diagnosis} [{', '.join(s.id for s in case.studies)}]",
+                             markup=False, highlight=False)
 
         if examples:
             ids = generate_examples(out, on_case=tick)

@@ -186,7 +186,24 @@ def test_cli_generate_and_validate(tmp_path):
                                  "--ct-size", "40,48,48", "--pathology-fraction", "0"])
     assert r.exit_code == 0, r.output
     assert len([p for p in tmp_path.iterdir() if (p / "case.yaml").is_file()]) == 2
+    assert "[ct, xr]" in r.output  # each case's studies are listed (not eaten as Rich markup)
     r = CliRunner().invoke(app, ["cases", "validate", str(tmp_path)])
     assert r.exit_code == 0 and "2 case folder(s) OK" in r.output
     r = CliRunner().invoke(app, ["cases", "generate", "--out", str(tmp_path), "--ct-size", "40,48,64"])
     assert r.exit_code != 0 and "square" in r.output
+
+
+def test_dicom_birth_date_agrees_with_age_at_the_study_date(examples):
+    """The fake identity's birth date follows from the study date and the patient's age, not from
+    today's date (which made a seeded cohort depend on the year it was generated in)."""
+    import datetime as dt
+
+    out, cases = examples
+    files = sorted(out.glob("*/cxr.dcm")) + sorted(out.glob("*/ct/IM00001.dcm"))
+    assert len(files) >= 3
+    for f in files:
+        ds = pydicom.dcmread(f)
+        born, seen = (dt.datetime.strptime(str(v), "%Y%m%d").date() for v in (ds.PatientBirthDate, ds.StudyDate))
+        age = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+        assert f"{age:03d}Y" == ds.PatientAge, f
+        assert age == cases[f.relative_to(out).parts[0]].patient.age

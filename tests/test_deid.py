@@ -288,3 +288,57 @@ def test_patient_key_falls_back_to_name_and_birth_date():
     assert patient_key(a) != patient_key(b)
     clean, _ = deidentify(a)
     assert clean.PatientID.startswith("ANON-") and "JOHN" not in clean.PatientID
+
+
+def test_case_folder_end_to_end_no_phi_in_case_json_metadata_logs_or_validate(tmp_path, caplog):
+    """A case folder whose DICOM files carry a full identity: nothing of it survives into the Case
+    object, its JSON (as stored and as agents see it), the loaded images' metadata, any log line
+    (pydicom's debug log included), or `cases validate` output (error lines included)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from app import app
+    from core.case import load_case
+    from core.imaging.load import load_study
+
+    def make(folder: Path) -> Path:
+        _write_series(folder / "ct", JOHN)
+        rad = Radiograph(array=np.full((20, 20), 0.5, np.float32), spacing=(0.2, 0.2), source=Path("<mem>"))
+        p = write_dicom_radiograph(rad, folder / "cxr.dcm", patient=JOHN, study_date="20240115", uid_seed="r")
+        ds = pydicom.dcmread(p)
+        _add_phi(ds)
+        ds.save_as(p)
+        (folder / "case.yaml").write_text(yaml.safe_dump({
+            "id": folder.name, "patient": {"age": 74, "sex": "M"}, "presentation": {"complaint": "cough"},
+            "studies": [{"id": "ct", "modality": "CT", "body_region": "chest", "path": "ct", "format": "dicom-series"},
+                        {"id": "xr", "modality": "XR", "body_region": "chest", "path": "cxr.dcm", "format": "dicom"}],
+            "truth": {"diagnosis": "normal"}}))
+        return folder
+
+    good = make(tmp_path / "cases" / "good")
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+    pdconfig.debug(True, default_handler=False)
+    try:
+        case = load_case(good)
+        loaded = [load_study(good, s) for s in case.studies]
+    finally:
+        pdconfig.debug(False, default_handler=False)
+    assert "DOE^JOHN" in str(pydicom.dcmread(good / "cxr.dcm").PatientName)  # the files do carry it
+    text = (case.model_dump_json() + case.for_agents().model_dump_json() + repr(case)
+            + "".join(json.dumps(x.metadata, default=str) + repr(x) for x in loaded) + caplog.text)
+    assert _leaks(text) == [], _leaks(text)
+    assert all(x.metadata["deidentified"] is True for x in loaded)
+    # error paths: a truncated slice and a burned-in annotation, reported by `cases validate`
+    bad = make(tmp_path / "cases" / "truncated")
+    victim = sorted((bad / "ct").glob("*.dcm"))[1]
+    victim.write_bytes(victim.read_bytes()[:-40])
+    burned = make(tmp_path / "cases" / "burned")
+    ds = pydicom.dcmread(burned / "cxr.dcm")
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(burned / "cxr.dcm")
+    r = CliRunner().invoke(app, ["cases", "validate", str(tmp_path / "cases")])
+    assert r.exit_code == 1
+    out = r.output.replace(str(tmp_path), "")
+    assert "/truncated/ct/" in out and "/burned/cxr.dcm: BurnedInAnnotation:" in out, out
+    assert _leaks(out + caplog.text) == [], out

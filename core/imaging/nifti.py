@@ -11,17 +11,17 @@ them as float32): spacings to 1e-6 mm, origins to 1e-4 mm.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
-from nibabel.imageglobals import LoggingOutputSuppressor
 from nibabel.spatialimages import HeaderDataError
 
 from core.errors import CaseDataError
@@ -33,6 +33,29 @@ _NIFTI1_MAGIC = {b"n+1\x00"}
 _NIFTI2_MAGIC = b"n+2\x00\r\n\x1a\n"
 _LIB_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error,
                struct.error, TypeError, IndexError, MemoryError)
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header checker ("sizeof_hdr should be 348; set ...").
+
+    nibabel's own `LoggingOutputSuppressor` only removes the handler of `nibabel.global`; the
+    records then propagate to the root logger, and with no handler there Python's last-resort
+    handler still prints them to stderr, unattributed. A filter on the logger drops them at source;
+    the problems they describe are checked and reported here, naming the file.
+    """
+    nblog = logging.getLogger("nibabel.global")
+    flt = _DropRecords()
+    nblog.addFilter(flt)
+    try:
+        yield
+    finally:
+        nblog.removeFilter(flt)
 
 
 def _suffix_ok(path: Path) -> bool:
@@ -73,7 +96,7 @@ def _open(path: str | Path) -> tuple[Path, Any, tuple[int, ...]]:
         raise CaseDataError(path, "path", "a NIfTI file must be named .nii or .nii.gz")
     _check_raw_header(path)
     try:
-        with LoggingOutputSuppressor():
+        with _quiet_nibabel():
             img = nib.load(str(path))
     except _LIB_ERRORS as e:
         raise CaseDataError(path, "header", f"not a readable NIfTI header ({type(e).__name__})") from None
@@ -100,8 +123,10 @@ def _open(path: str | Path) -> tuple[Path, Any, tuple[int, ...]]:
         raise CaseDataError(path, "sform/qform", "the voxel-to-world affine is missing, singular or not finite "
                             "(check pixdim and the qform/sform)")
     try:
-        with LoggingOutputSuppressor():
+        with _quiet_nibabel():
             canon = nib.as_closest_canonical(img)
+    except (OSError, EOFError, zlib.error) as e:  # reorienting reads the voxels: a truncated file ends here
+        raise CaseDataError(path, "data", f"cannot read the voxel data ({type(e).__name__}: truncated file?)") from None
     except _LIB_ERRORS as e:
         raise CaseDataError(path, "sform/qform", f"cannot reorient ({type(e).__name__})") from None
     return path, canon, tuple(int(s) for s in canon.shape[:3])

@@ -18,6 +18,7 @@ slide, read lazily strip by strip; `properties["grandrounds.tiled"]` is False fo
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -310,6 +311,23 @@ def _validate_tiff_layout(ts: Any, path: Path) -> dict[str, Any]:
     return {"grandrounds.tiled": tiled}
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+        return False
+
+
+class _quiet_tifffile:  # noqa: N801 - used as a context manager
+    """tifffile logs "<TiffFile ...> contains no pages" and similar to stderr (Python's last-resort
+    handler) for files it then refuses; the refusal is reported as a CaseDataError naming the file."""
+
+    def __enter__(self) -> None:
+        self._log, self._flt = logging.getLogger("tifffile"), _DropRecords()
+        self._log.addFilter(self._flt)
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.removeFilter(self._flt)
+
+
 def open_slide(path: str | os.PathLike[str]) -> WholeSlide:
     """Open a whole-slide image lazily (SVS, generic/pyramidal TIFF, OpenSlide formats)."""
     p = Path(path)
@@ -324,7 +342,7 @@ def open_slide(path: str | os.PathLike[str]) -> WholeSlide:
     try:
         import tiffslide
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_tifffile():
             warnings.simplefilter("ignore")
             ts = tiffslide.TiffSlide(p)
             try:

@@ -5,7 +5,6 @@ many others were generated or in which order, and workers can run in parallel.
 """
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,13 +119,26 @@ def sample_presentation(rng: np.random.Generator, d: DiseaseDef, cat: Catalogue,
 
 
 def _fake_identity(rng: np.random.Generator, patient: Patient) -> dict:
-    """Identifying values that go into DICOM headers only, so de-identification has work to do."""
+    """Identifying values that go into DICOM headers only, so de-identification has work to do.
+
+    The birth year is left for `_birth_date` to fix from the study date (not from today's date,
+    which would make a seeded cohort depend on the year it is generated in)."""
     first = str(rng.choice(["Ann", "Ravi", "Maria", "John", "Wei", "Fatima", "Olu", "Sven", "Lucia", "Omar"]))
     last = str(rng.choice(["Smith", "Okafor", "Garcia", "Chen", "Novak", "Haddad", "Kowalski", "Silva", "Ito"]))
-    year = dt.date.today().year - patient.age
     return {"name": f"{last}^{first}", "id": f"MRN{rng.integers(10**6, 10**7)}",
-            "birth_date": f"{year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+            "birth_month_day": (int(rng.integers(1, 13)), int(rng.integers(1, 29))),
             "sex": patient.sex, "age": patient.age}
+
+
+def _birth_date(identity: dict, study_date: str) -> dict:
+    """The identity with a birth date that makes the patient `age` on `study_date` (YYYYMMDD)."""
+    out = {k: v for k, v in identity.items() if k != "birth_month_day"}
+    month, day = identity["birth_month_day"]
+    year = int(study_date[:4]) - int(identity["age"])
+    if (month, day) > (int(study_date[4:6]), int(study_date[6:8])):
+        year -= 1  # no birthday yet in the study year
+    out["birth_date"] = f"{year}{month:02d}{day:02d}"
+    return out
 
 
 def _sentence_case(text: str) -> str:
@@ -190,6 +202,7 @@ def _chest_studies(rng, case_dir: Path, plan: CasePlan, d: DiseaseDef, opts: Coh
         found.append({"key": "medical_material", "location": metal.replace("_", " "), "side": ""})
     studies, truth_findings, masks, boxes, reports = [], [], [], [], {}
     study_date = f"{2020 + int(rng.integers(0, 6))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    identity = _birth_date(identity, study_date)
 
     if plan.studies == "ct+xr":
         acq = simulate_ct_acquisition(ph.hu, opts.ct_spacing[1], metal_mask=ph.metal,
