@@ -76,16 +76,19 @@ def _settings(tmp_path, *overrides):
                                             "max_rounds=1", *overrides])
 
 
-def _factory(settings, scripts):
+def _factory(settings, scripts, use_tools=False):
     def make(db, on_event=None, artefact_root=None):
-        return Consultation(settings, db, llms=Panel(settings, scripts), use_tools=False, on_event=on_event,
+        return Consultation(settings, db, llms=Panel(settings, scripts), use_tools=use_tools, on_event=on_event,
                             artefact_root=artefact_root)
     return make
 
 
-def _seed_waiting(settings, scripts=SPLIT, case=PNEUMONIA) -> str:
-    """A thread paused for human review in the web run's state database."""
-    c = _factory(settings, scripts)(Path(settings.web.run_dir) / "state.sqlite")
+def _seed_waiting(settings, scripts=SPLIT, case=PNEUMONIA, use_tools=False) -> str:
+    """A thread paused for human review in the web run's state database (with tools: their results,
+    overlays in the run's artefacts folder, and opinions citing them, as a batch run leaves them)."""
+    run = Path(settings.web.run_dir)
+    c = _factory(settings, scripts, use_tools)(run / "state.sqlite",
+                                               artefact_root=run / "artefacts" if use_tools else None)
     try:
         out = c.run(case)
     finally:
@@ -275,6 +278,63 @@ def test_a_valid_upload_runs_a_consultation_that_streams(make_client):
     assert rows[-1]["thread_id"] == tid and rows[-1]["status"] == "decided" and rows[-1]["source"] == "web"
 
 
+FORM = {"age": "43", "sex": "M", "complaint": "pleuritic chest pain and fever", "history": "3 days; smoker",
+        "temperature_c": "39.0", "spo2": "92.9",
+        "labs": "C-reactive protein: 183.2 mg/L (<5)\nwhite cell count: 14.6 10^9/L"}
+
+
+def _form_upload(c, fields, images):
+    files = [("images", (name, data, "application/octet-stream")) for name, data in images]
+    return c.post("/api/consultations", data=fields, files=files)
+
+
+def test_images_and_a_form_make_a_case_that_runs(make_client):
+    c = _login(make_client("web.upload_max_mb=3", scripts=AGREE))
+    run = Path(c.settings.web.run_dir)
+    cxr = (PNEUMONIA / "cxr.png").read_bytes()
+    for fields, images, words in [
+        ({**FORM, "age": "old"}, [("cxr.png", cxr)], ["form: patient.age", "integer"]),
+        ({**FORM, "complaint": ""}, [("cxr.png", cxr)], ["form: presentation.complaint"]),
+        ({**FORM, "labs": "CRP high"}, [("cxr.png", cxr)], ["form: labs: line 1", "name: value unit"]),
+        ({**FORM, "case_id": "../etc"}, [("cxr.png", cxr)], ["form: case_id"]),
+        ({**FORM, "modality": "CT"}, [("cxr.png", cxr)], ["images[0] cxr.png: modality", "CT"]),
+        (FORM, [("photo.jpg", b"x")], ["images[0] photo.jpg", "'.jpg' is not accepted"]),
+        (FORM, [("cxr.png", b"not a png")], ["images: cxr.png", "PNG expected"]),
+        (FORM, [], ["form: images: add at least one image"]),
+        (FORM, [(f"x{i}.png", cxr) for i in range(9)], ["form: images: 9 files; at most 8"]),
+        (FORM, [(f"x{i}.png", b"x") for i in range(12)], ["Too many files"]),  # refused by the form parser
+    ]:
+        r = _form_upload(c, fields, images)
+        assert r.status_code == 400, (fields, r.text)
+        msg = r.json()["error"]
+        assert "\n" not in msg and all(w in msg for w in words), msg
+    leftovers = [p for p in (run / "uploads").rglob("*") if p.is_file()] if (run / "uploads").exists() else []
+    assert leftovers == []  # refused forms leave nothing behind
+    r = _form_upload(c, {**FORM, "case_id": "walk-in-7"},
+                     [("../../chest x-ray.PNG", cxr), ("ct.nii.gz", (PNEUMONIA / "ct.nii.gz").read_bytes())])
+    assert r.status_code == 200, r.text
+    tid = r.json()["thread_id"]
+    assert tid.startswith("walk-in-7:")
+    events = _events(c, tid)
+    steps = [d["text"] for k, d in events if k == "step"]
+    assert steps[0].startswith("intake: walk-in-7") and "studies: xr XR, ct CT" in steps[0]
+    assert sum(k == "image" for k, _ in events) == 2 and any(k == "verdict" for k, _ in events)
+    folders = [p.parent for p in (run / "uploads").rglob("case.yaml")]
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["case.yaml", "ct.nii.gz", "xr.png"]
+    from core.case import load_case
+    case = load_case(folders[0])
+    assert case.patient.age == 43 and case.presentation.vitals.spo2 == 92.9
+    assert [(x.name, x.value, x.reference) for x in case.presentation.labs] == [
+        ("C-reactive protein", 183.2, "<5"), ("white cell count", 14.6, None)]
+    assert case.studies[0].description == "XR uploaded as chest x-ray.PNG" and case.truth is None
+    rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert rows[-1]["thread_id"] == tid and rows[-1]["source"] == "web"
+
+
+def test_binds_loopback_by_default():
+    assert load_settings(env={}).web.host == "127.0.0.1"
+
+
 # ---------------------------------------------------------------- isolation
 def test_sessions_never_see_each_others_consultations(make_client):
     a = _login(make_client(scripts=AGREE), "ann")
@@ -364,8 +424,9 @@ def test_the_graph_resumes_after_the_required_reads_with_the_latest_decision(mak
     r = bob.post(url, json={"action": "approve", "diagnosis": "tuberculosis", "reason": "cavitation"}).json()
     assert r["applied"] and r["status"] == "decided" and r["verdict"]["diagnosis"] == "tuberculosis"
     rows = c.get(f"/api/reviews/{tid}").json()["decisions"]
-    assert [(x["reviewer"], x["diagnosis"], x["applied"]) for x in rows] == [
-        ("ann", "pneumonia", False), ("ann", "lung_cancer", False), ("bob", "tuberculosis", True)]
+    assert [(x["version"], x["reviewer"], x["diagnosis"], x["applied"]) for x in rows] == [
+        (1, "ann", "pneumonia", False), (2, "ann", "lung_cancer", False), (3, "bob", "tuberculosis", True)]
+    assert all(x["created_at"].endswith("+00:00") for x in rows)  # when, in UTC, with who: every read kept
 
 
 def test_bad_decisions_are_refused_and_not_stored_and_send_back_runs_a_round(make_client):
@@ -435,7 +496,7 @@ def test_browser_consultation_chat_and_review(tmp_path):
     ARTEFACTS.mkdir(parents=True)
     run = tmp_path / "run"
     s = _settings(tmp_path)
-    seeded = _seed_waiting(s)  # a split panel waiting in the server's review queue
+    seeded = _seed_waiting(s, use_tools=True)  # a split panel waiting in the queue, citing its tools' results
     port = _free_port()
     log = (ARTEFACTS / "server.log").open("w")
     env = {**os.environ, "GRANDROUNDS_WEB_TOKEN": TOKEN}
@@ -490,9 +551,12 @@ def test_browser_consultation_chat_and_review(tmp_path):
             assert any(x.startswith("plan:") for x in steps) and any(x.startswith("evaluator round") for x in steps)
             assert sum(" p=" in x for x in steps) >= 3  # each diagnostician's opinion
             expect(page.locator("#steps li.opinion[data-agent='sceptic-3']").first).to_contain_text("differential:")
-            images = page.locator("#images img")
-            assert images.count() >= 1 and page.evaluate("() => [...document.querySelectorAll('#images img')]"
-                                                          ".every(i => i.complete && i.naturalWidth > 0)")
+            expect(page.locator("#images img[data-source='study']").first).to_be_visible()  # slice, radiograph
+            overlays = page.locator("#images img:not([data-source='study'])")  # the tools' overlays
+            expect(overlays.first).to_be_visible()
+            assert overlays.first.get_attribute("src").startswith("/api/threads/")
+            assert page.evaluate("() => [...document.querySelectorAll('#images img')]"
+                                 ".every(i => i.complete && i.naturalWidth > 0)")  # every image loaded
             shot(page, "1_consultation")
 
             page.fill("#question", "What is the most likely diagnosis, and why?")
@@ -502,23 +566,48 @@ def test_browser_consultation_chat_and_review(tmp_path):
             assert not page.locator(".answer .error").count(), page.locator(".answer").inner_text()
             shot(page, "2_follow_up")
 
+            # images and a form instead of a case folder: a radiograph, the patient and the complaint
+            page.click("#form-details summary")
+            page.set_input_files("#form-images", str(PNEUMONIA / "cxr.png"))
+            expect(page.locator("#image-list select")).to_have_count(1)
+            page.fill("#case_id", "walk-in-1")
+            page.fill("#age", "61")
+            page.select_option("#sex", "F")
+            page.fill("#complaint", "productive cough and fever")
+            page.fill("#labs", "C-reactive protein: 150 mg/L (<5)")
+            page.click("#run-form")
+            expect(page.locator("#steps li").first).to_contain_text("intake: walk-in-1 (chest, studies: xr XR)")
+            expect(page.locator("#status")).to_have_text("finished", timeout=600_000)
+            expect(page.locator("#error")).to_have_text("")
+            expect(page.locator("#verdict, #awaiting-review")).to_have_count(1)
+            expect(page.locator("#images img:not([data-source='study'])").first).to_be_visible()  # cxr overlay
+            shot(page, "3_form_upload")
+
             # the review queue: the seeded split panel, decided by this reviewer
             page.click("text=Review queue")
             row = page.locator(f"tr[data-thread='{seeded}']")
             expect(row).to_be_visible()
             expect(row).to_contain_text("3")  # three distinct diagnoses
-            shot(page, "3_review_queue")
+            shot(page, "4_review_queue")
             row.locator("a").click()
             expect(page.locator(".opinion-col")).to_have_count(3)
+            # side by side, each claim citing evidence listed below it; the tools' overlays load
+            expect(page.locator("#evidence li[id^='ev-']")).to_have_count(3)
+            for col in page.locator(".opinion-col").all():
+                assert col.locator("a.cite[href^='#ev-']").count() >= 1, col.inner_text()
+            expect(page.locator("#images img[src*='/artefacts/']").first).to_be_visible()
+            assert page.evaluate("() => [...document.querySelectorAll('#images img')]"
+                                 ".every(i => i.complete && i.naturalWidth > 0)")
             page.check("input[value='approve:pneumonia']")
             page.fill("#reason", "lobar consolidation with fever and raised CRP")
-            shot(page, "4_review_case")
+            shot(page, "5_review_case")
             page.click("#submit-decision")
             expect(page.locator("#result")).to_contain_text("Decided: community-acquired pneumonia")
             expect(page.locator("#result")).to_be_visible()
             expect(page.locator("#decide-section")).to_be_hidden()  # decided: nothing left to decide
             expect(page.locator("#decisions tbody tr")).to_have_count(1)
-            shot(page, "5_decided")
+            expect(page.locator("#decisions tbody tr")).to_contain_text("Dr Osler")
+            shot(page, "6_decided")
             browser.close()
     finally:
         server.terminate()
@@ -535,4 +624,6 @@ def test_browser_consultation_chat_and_review(tmp_path):
     assert decided[-1]["verdict"]["review"]["reviewer"] == "Dr Osler"
     assert decided[-1]["verdict"]["review"]["reason"] == "lobar consolidation with fever and raised CRP"
     assert any(r["thread_id"].startswith("s2026-0000:") and r.get("source") == "web" for r in rows)
+    assert any(r["thread_id"].startswith("walk-in-1:") and r.get("source") == "web" for r in rows)
+    assert f"running on http://127.0.0.1:{port}" in (ARTEFACTS / "server.log").read_text()  # loopback by default
     print(f"consultation in the browser: {consult_s:.1f} s")

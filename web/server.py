@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from agents.consult import Consultation
@@ -42,7 +43,7 @@ from core.errors import CaseDataError
 from web.auth import check_token, verify_password
 from web.jobs import ConsultJob, one_line
 from web.store import WebStore
-from web.uploads import UploadError, extract_case_zip
+from web.uploads import FORM_FIELDS, MAX_IMAGES, UploadError, case_from_form, extract_case_zip
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -290,8 +291,8 @@ def create_app(settings: Settings, *, make_consultation: ConsultationFactory | N
             raise HTTPException(404, "no such image")
         return FileResponse(p, media_type="image/png")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's (e.g. a form with too many files)
+    async def http_error(_request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail))
 
     # -------------------------------------------------- login
@@ -365,13 +366,23 @@ def create_app(settings: Settings, *, make_consultation: ConsultationFactory | N
     async def start_consultation(request: Request):
         if review_only:
             return _error(503, "this server runs review-only: no consultations (start it without --review-only)")
-        form = await request.form(max_files=1, max_fields=4)
+        form = await request.form(max_files=MAX_IMAGES + 1, max_fields=len(FORM_FIELDS) + MAX_IMAGES + 4)
         upload, example = form.get("file"), str(form.get("case") or "")
-        if upload is not None and not isinstance(upload, str) and upload.filename:
+        images = [f for f in form.getlist("images") if not isinstance(f, str) and f.filename]
+        dest = run_dir / "uploads" / uuid.uuid4().hex[:16]
+        if upload is not None and not isinstance(upload, str) and upload.filename:  # a zipped case folder
             name = Path(upload.filename).name or "upload.zip"
-            dest = run_dir / "uploads" / uuid.uuid4().hex[:16]
             try:
                 case_dir = await run_in_threadpool(extract_case_zip, upload.file, name, dest, max_upload)
+            except UploadError as e:
+                return _error(400, str(e))
+        elif images or form.get("complaint") is not None:  # images and a form
+            modalities = [str(m) for m in form.getlist("modality")]
+            files = [(f.filename, f.file, modalities[i] if i < len(modalities) else "auto")
+                     for i, f in enumerate(images)]
+            fields = {k: str(form.get(k) or "") for k in FORM_FIELDS}
+            try:
+                case_dir = await run_in_threadpool(case_from_form, fields, files, dest, max_upload)
             except UploadError as e:
                 return _error(400, str(e))
         elif example:
@@ -379,7 +390,8 @@ def create_app(settings: Settings, *, make_consultation: ConsultationFactory | N
             if case_dir is None:
                 return _error(400, f"case: no example case named {example!r} in {web.cases_dir}")
         else:
-            return _error(400, "case: pick an example case or upload a zipped case folder")
+            return _error(400, "case: pick an example case, upload a zipped case folder, or upload images "
+                               "with the form")
         try:
             case = load_case(case_dir)
         except CaseDataError as e:

@@ -3,6 +3,7 @@
 `review_decisions` is append-only (triggers refuse UPDATE and DELETE): each decision is a new row,
 with `applied` saying whether the graph resumed with it. Nothing is ever overwritten, so a second
 reviewer's read, a concurrent click or a decision on an already-decided case is kept as it was made.
+Rows read back carry `version`: 1, 2, 3 ... per consultation thread, in the order they were made.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ CREATE TABLE IF NOT EXISTS web_threads (
     created_at TEXT NOT NULL
 );
 """
+# each decision's version within its thread (1 = the first decision ever made on that consultation)
+_VERSIONED = ("SELECT *, ROW_NUMBER() OVER (PARTITION BY thread_id ORDER BY id) AS version "
+              "FROM review_decisions")
 
 
 def _now() -> str:
@@ -83,15 +87,15 @@ class WebStore:
                 "INSERT INTO review_decisions (thread_id, case_id, round, reviewer, action, diagnosis, reason, "
                 "created_at, applied, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (thread_id, case_id, round_, reviewer, action, diagnosis, reason, _now(), int(applied), note))
-            row = self._db.execute("SELECT * FROM review_decisions WHERE id = ?", (cur.lastrowid,)).fetchone()
+            row = self._db.execute(f"SELECT * FROM ({_VERSIONED}) WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _decision(row)
 
     def decisions(self, thread_id: str | None = None) -> list[dict]:
         with self._lock:
             if thread_id is None:
-                rows = self._db.execute("SELECT * FROM review_decisions ORDER BY id").fetchall()
+                rows = self._db.execute(f"SELECT * FROM ({_VERSIONED}) ORDER BY id").fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM review_decisions WHERE thread_id = ? ORDER BY id",
+                rows = self._db.execute(f"SELECT * FROM ({_VERSIONED}) WHERE thread_id = ? ORDER BY id",
                                         (thread_id,)).fetchall()
         return [_decision(r) for r in rows]
 

@@ -13,7 +13,7 @@ function cite(id, evidence) {
 
 function renderDecisions(rows, names) {
   document.querySelector("#decisions tbody").replaceChildren(...rows.map((d) => el("tr", {},
-    el("td", { text: d.id }), el("td", { text: d.created_at.replace("T", " ").slice(0, 19) }),
+    el("td", { text: `v${d.version}`, title: `decision #${d.id}` }), el("td", { text: d.created_at.replace("T", " ").slice(0, 19) }),
     el("td", { text: d.reviewer }), el("td", { text: d.action }),
     el("td", { text: d.diagnosis ? (names[d.diagnosis] || d.diagnosis) : "" }), el("td", { text: d.reason }),
     el("td", { text: d.applied ? "yes" : `no${d.note ? " — " + d.note : ""}` }))));

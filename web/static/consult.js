@@ -81,6 +81,7 @@ function watch(tid, caseId) {
 function setBusy(busy) {
   $("run-example").disabled = busy;
   $("run-upload").disabled = busy;
+  $("run-form").disabled = busy;
 }
 
 async function start(form) {
@@ -112,6 +113,20 @@ $("upload").addEventListener("submit", (e) => {
   const f = new FormData();
   f.append("file", file, file.name);
   start(f);
+});
+
+// Images + a form: one modality choice per chosen image ("auto" takes it from the file type).
+$("form-images").addEventListener("change", () => {
+  const options = [["auto", "modality from the file type"], ["XR", "radiograph"], ["CT", "CT"], ["MR", "MR"], ["WSI", "slide"]];
+  $("image-list").replaceChildren(...[...$("form-images").files].map((f) => el("li", {}, el("label", { class: "inline" }, f.name + " ",
+    el("select", { name: "modality", "aria-label": "modality of " + f.name },
+      options.map(([v, t]) => el("option", { value: v, text: t })))))));
+});
+
+$("form-case").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (!$("form-images").files.length) return showError("images: choose at least one image");
+  start(new FormData($("form-case")));  // the images, their modalities in the same order, and the fields
 });
 
 $("ask").addEventListener("submit", async (e) => {
