@@ -123,7 +123,8 @@ def _diagnose(msgs, *, agent, persona, llm, cat, candidates, tool_results, insig
     ranked = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
     top = ranked[0][0]
     runner = cat.diseases[ranked[1][0]] if len(ranked) > 1 else None
-    claims = [Claim(statement=_evidence_statement(o, cat.diseases[top], runner, cat), cites=[o["source"]])
+    claims = [Claim(statement=_evidence_statement(o, cat.diseases[top], runner, cat),
+                    cites=[o["source"], *(a["source"] for a in o.get("also", []))])
               for o in supporting(cat.diseases[top], runner, obs)]
     ids = [r["id"] for r in tool_results if r["status"] == "ok"] + [i["id"] for i in insights if i.get("in_prompt", True)]
     if write_rationale and ids:
@@ -147,8 +148,13 @@ def _evidence_statement(o: dict, d, rival, cat: Catalogue) -> str:
     key = o["key"]
     name = cat.findings[key].name if key in cat.findings else key.split(":", 1)[-1].replace("_", " ")
     what = name if f.get("present", True) else f"no {name}"
-    if f.get("value") is not None:
-        what += f" ({f['value']:.3g}{' ' + f['unit'] if f.get('unit') else ''})"
+    # every agreeing tool's measurement (e.g. a CT analysis and a segmentation volume), named when there are several
+    measured = [(x["source"].split(":", 1)[0], x["finding"]) for x in (o, *o.get("also", []))
+                if x["finding"].get("value") is not None]
+    if measured:
+        vals = [f"{m['value']:.3g}{' ' + m['unit'] if m.get('unit') else ''}" for _, m in measured]
+        what += f" ({vals[0]})" if len(measured) == 1 else \
+            f" ({'; '.join(f'{v} by {tool}' for v, (tool, _) in zip(vals, measured))})"
     if f.get("probability") is not None:
         what += f" (p={f['probability']:.2f})"
     if f.get("location"):

@@ -66,10 +66,17 @@ def log_likelihood(d: DiseaseDef, obs: list[dict], learned: dict | None = None) 
 
 
 def supporting(d: DiseaseDef, rival: DiseaseDef | None, obs: list[dict], n: int = 3) -> list[dict]:
-    """The observations that most favour d over its rival (largest log-likelihood ratio)."""
+    """The findings that most favour d over its rival (largest log-likelihood ratio), one per finding:
+    for each key its strongest observation, with `also` = the other tools' observations of that key
+    that report it the same way (present / absent) and also favour d, so a claim can cite them too."""
     def lr(o):
         one = log_likelihood(d, [o])
         return one - (log_likelihood(rival, [o]) if rival else 0.0)
 
-    ranked = sorted((o for o in obs if lr(o) > 0), key=lr, reverse=True)
-    return ranked[:n]
+    best: dict[str, dict] = {}
+    for o in sorted((o for o in obs if lr(o) > 0), key=lr, reverse=True):
+        first = best.setdefault(o["key"], {**o, "also": []})
+        if first["source"] != o["source"] and \
+                bool(o["finding"].get("present", True)) == bool(first["finding"].get("present", True)):
+            first["also"].append(o)
+    return list(best.values())[:n]
