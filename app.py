@@ -376,7 +376,7 @@ def knowledge_learn(
     if "panel" in report:
         pr = report["panel"]
         kept = sorted(dx for dx, g in pr["criteria_groups"].items() if g["kept"])
-        console.print(f"panel validation accuracy: no knowledge {pr['accuracy_none']:.3f}, statistics "
+        console.print(f"panel validation accuracy: statistics "
                       f"{pr['accuracy_statistics']:.3f}, all criteria {pr['accuracy_all']:.3f}, kept "
                       f"{pr['accuracy_final']:.3f}; criteria kept for: {', '.join(kept) or 'none'}")
 

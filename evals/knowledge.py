@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from core.synth.cohort import CohortOptions, generate_cohort
 from evals.diagnosis import metrics, run_condition
 from evals.stats import wilson
 from knowledge.apply import StoreKnowledge
-from knowledge.learn import collect, learn, split
+from knowledge.learn import VerdictCache, collect, learn, load_solved, save_solved, split
 from knowledge.store import KnowledgeStore
 from knowledge.transfer import export_jsonl, import_jsonl
 
@@ -52,36 +51,47 @@ def main(argv: list[str] | None = None) -> dict:
     local = pool.for_role("knowledge")[0]
     panel = None if args.no_panel_check else pool.for_role("diagnosticians")
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=args.out))
+    work = args.out / "work"  # everything below resumes from here: solved cases, panel answers, stores, test rows
+    work.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     fit_dirs, val_dirs = split(learn_dirs, args.seed)
-    solved = (collect(fit_dirs), collect(val_dirs))  # tools run once; every learn run below reuses them
+    solved = []
+    for name, dirs in (("learn", fit_dirs), ("validation", val_dirs)):  # tools run once for every learn run
+        path = work / f"solved_{name}.jsonl"
+        if not path.is_file():
+            save_solved(collect(dirs), path)
+        solved.append(load_solved(path))
     print(f"tools on {len(learn_dirs)} learn+validation cases: {time.perf_counter() - t0:.0f} s", flush=True)
-    stores = {}
-    same = KnowledgeStore(tmp / "same")
-    v, rep = learn(learn_dirs, same, local, seed=args.seed, panel=panel, solved=solved)
-    stores["same_model"] = (same, v, rep)
-    print("same_model refinement:", json.dumps(rep.get("panel", {})), flush=True)
-    stats = KnowledgeStore(tmp / "stats")
-    v, rep = learn(learn_dirs, stats, None, seed=args.seed, solved=solved)
-    stores["statistics_only"] = (stats, v, rep)
+    cache = VerdictCache(work / "panel_verdicts.jsonl")
+
+    def learned(name: str, llm) -> tuple[KnowledgeStore, int, dict]:
+        store, rep_path = KnowledgeStore(work / name), work / f"{name}.report.json"
+        if rep_path.is_file() and store.current_version():
+            return store, store.current_version(), json.loads(rep_path.read_text())
+        v, rep = learn(learn_dirs, store, llm, seed=args.seed, panel=panel if llm is not None else None,
+                       solved=tuple(solved), cache=cache)
+        rep_path.write_text(json.dumps(rep, indent=1, default=str))
+        print(f"{name} refinement:", json.dumps(rep.get("panel", {})), flush=True)
+        return store, v, rep
+
+    stores = {"same_model": learned("same", local), "statistics_only": learned("stats", None)}
     if args.transfer_engine != "none":
-        other = backend_from_config("other", BackendConfig(kind=args.transfer_engine))
-        src = KnowledgeStore(tmp / "other_src")
         # refined by the panel that will use it; the other engine runs the same weights, so its own
         # panel would score alike, only slower
-        _, rep = learn(learn_dirs, src, other, seed=args.seed, panel=panel, solved=solved)
-        print("transferred refinement:", json.dumps(rep.get("panel", {})), flush=True)
-        export_jsonl(src, tmp / "transfer.jsonl")
-        dst = KnowledgeStore(tmp / "transferred")
-        v = import_jsonl(dst, tmp / "transfer.jsonl")
-        stores[f"transferred_from_{args.transfer_engine}"] = (dst, v, rep)
+        src, _, rep = learned("other_src", backend_from_config("other", BackendConfig(kind=args.transfer_engine)))
+        dst = KnowledgeStore(work / "transferred")
+        if not dst.current_version():
+            export_jsonl(src, work / "transfer.jsonl")
+            import_jsonl(dst, work / "transfer.jsonl")
+        stores[f"transferred_from_{args.transfer_engine}"] = (dst, dst.current_version(), rep)
     results, rows_by = {}, {}
     tool_cache: dict = {}  # every condition sees the same tool results; only the knowledge differs
-    rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, tmp / "none.sqlite", tool_cache=tool_cache)
+    rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, work / "none.sqlite",
+                                            log=work / "test_no_knowledge.jsonl", tool_cache=tool_cache)
     for name, (store, v, rep) in stores.items():
-        rows_by[name] = run_condition(test_dirs, True, settings, pool, tmp / f"{name}.sqlite",
-                                      knowledge=StoreKnowledge(store, version=v), tool_cache=tool_cache)
+        rows_by[name] = run_condition(test_dirs, True, settings, pool, work / f"{name}.sqlite",
+                                      knowledge=StoreKnowledge(store, version=v), log=work / f"test_{name}.jsonl",
+                                      tool_cache=tool_cache)
     base = {r["case"]: r["top1"] == r["truth"] for r in rows_by["no_knowledge"]}
     for name, rows in rows_by.items():
         m = metrics(rows)

@@ -11,9 +11,10 @@ Solved cases are cases with truth: a generated cohort, or cases a reviewer decid
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,48 @@ class SolvedCase:
     domain: str
     summary: str
     tool_results: list[dict]
+
+
+def save_solved(cases: list[SolvedCase], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(json.dumps(asdict(c)) for c in cases))
+    tmp.replace(path)
+
+
+def load_solved(path: Path) -> list[SolvedCase]:
+    return [SolvedCase(**json.loads(x)) for x in path.read_text().splitlines() if x.strip()]
+
+
+class VerdictCache:
+    """Panel answers keyed by everything that decides them (models, case, insights in the prompt and
+    the statistics' numbers), appended to a JSON-lines file: a long refinement resumes where it
+    stopped, and repeated prompts are scored once."""
+
+    def __init__(self, path: Path | None = None):
+        self.path, self.data = path, {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    k, v = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                self.data[k] = v
+
+    @staticmethod
+    def key(case: SolvedCase, insights: list[dict], panel: list[LLMBackend]) -> str:
+        what = [[b.model for b in panel], case.case_id, case.summary, case.tool_results,
+                [(i["id"], i["in_prompt"], i.get("rate_with"), i.get("rate_without"), i.get("support"))
+                 for i in insights]]
+        return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self.data[key] = value
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps([key, value]) + "\n")
 
 
 def collect(case_dirs: list[Path], extra: list[SolvedCase] = (), on_case: Callable | None = None) -> list[SolvedCase]:
@@ -166,7 +209,7 @@ def evidence_accuracy(cases: list[SolvedCase], insights: list[Insight], cat: Cat
 
 def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue, per_disease: int = 10,
            panel: list[LLMBackend] | None = None, model: str | None = None,
-           on_case: Callable | None = None) -> tuple[list[Insight], dict]:
+           on_case: Callable | None = None, cache: VerdictCache | None = None) -> tuple[list[Insight], dict]:
     """Diverse subset per disease, then drop any disease's statistic group whose removal does not hurt
     validation accuracy of the evidence scorer (its gain is recorded on each kept insight); with a
     panel, the criteria are then checked the same way by the panel itself (`panel_refine`)."""
@@ -189,17 +232,22 @@ def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue
             final.append(i.model_copy(update={"validation_gain": gain if i.kind == "statistic" else None}))
     report["accuracy_final"] = evidence_accuracy(validation, final, cat)
     if panel and validation and any(i.kind != "statistic" for i in final):
-        final, report["panel"] = panel_refine(final, validation, cat, panel, model=model, on_case=on_case)
+        final, report["panel"] = panel_refine(final, validation, cat, panel, model=model, on_case=on_case,
+                                              cache=cache)
     return final, report
 
 
 def panel_verdicts(cases: list[SolvedCase], index: InsightIndex | None, cat: Catalogue, panel: list[LLMBackend],
-                   on_case: Callable | None = None) -> dict[str, str]:
+                   on_case: Callable | None = None, cache: VerdictCache | None = None) -> dict[str, str]:
     """The panel's round-1 answer per case: majority vote, ties broken by mean probability (the
     graph's verdict when the panel agrees; the cheapest faithful proxy when it does not)."""
     out = {}
     for c in cases:
         ins = index.retrieve(c.summary, c.domain, c.tool_results) if index is not None else []
+        key = VerdictCache.key(c, ins, panel)
+        if cache is not None and cache.get(key) is not None:
+            out[c.case_id] = cache.get(key)
+            continue
         ops = [diagnose(agent=f"{PERSONAS[n % len(PERSONAS)].name}-{n + 1}", persona=PERSONAS[n % len(PERSONAS)],
                         llm=llm, cat=cat, domain=c.domain, summary=c.summary, tool_results=c.tool_results,
                         insights=ins, round_=1, peers=[], previous=None, write_rationale=False)
@@ -210,13 +258,16 @@ def panel_verdicts(cases: list[SolvedCase], index: InsightIndex | None, cat: Cat
             for r in o.differential:
                 mean[r.diagnosis] += r.probability
         out[c.case_id] = max(votes, key=lambda d: (votes[d], mean[d]))
+        if cache is not None:
+            cache.put(key, out[c.case_id])
         if on_case:
             on_case(c.case_id)
     return out
 
 
 def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue, panel: list[LLMBackend],
-                 model: str | None = None, on_case: Callable | None = None) -> tuple[list[Insight], dict]:
+                 model: str | None = None, on_case: Callable | None = None,
+                 cache: VerdictCache | None = None) -> tuple[list[Insight], dict]:
     """Keep a disease's criteria only if the panel, on the validation cases whose prompts they
     reach, is at least as accurate with them as without them; criteria no validation prompt used
     have no evidence for them and are left out. Last, if the kept criteria together still lower
@@ -229,16 +280,16 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
         return sum(v[c] == truth[c] for c in truth) / len(truth)
 
     stat_pos = [n for n, i in enumerate(cands) if i.kind == "statistic"]
-    v_none = panel_verdicts(validation, None, cat, panel, on_case)
-    v_stats = panel_verdicts(validation, full.subset(stat_pos), cat, panel, on_case)
-    v_full = panel_verdicts(validation, full, cat, panel, on_case)
+    cache = cache if cache is not None else VerdictCache()  # the final check repeats many ablation prompts
+    v_stats = panel_verdicts(validation, full.subset(stat_pos), cat, panel, on_case, cache)
+    v_full = panel_verdicts(validation, full, cat, panel, on_case, cache)
     in_prompt = {c.case_id: {i["id"] for i in full.retrieve(c.summary, c.domain, c.tool_results) if i["in_prompt"]}
                  for c in validation}
     groups: dict[str, list[int]] = defaultdict(list)
     for n, i in enumerate(cands):
         if i.kind != "statistic":
             groups[i.disease].append(n)
-    report = {"accuracy_none": acc(v_none), "accuracy_statistics": acc(v_stats), "accuracy_all": acc(v_full),
+    report = {"accuracy_statistics": acc(v_stats), "accuracy_all": acc(v_full),
               "criteria_groups": {}}
     keep_pos, gains = list(stat_pos), {}
     for dx, pos in sorted(groups.items()):
@@ -248,7 +299,7 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
             report["criteria_groups"][dx] = {"criteria": len(pos), "affected": 0, "gain": None, "kept": False}
             continue
         rest = [n for n in range(len(cands)) if n not in set(pos)]
-        v = {**v_full, **panel_verdicts(affected, full.subset(rest), cat, panel, on_case)}
+        v = {**v_full, **panel_verdicts(affected, full.subset(rest), cat, panel, on_case, cache)}
         gain = acc(v_full) - acc(v)
         ok = gain >= 0
         report["criteria_groups"][dx] = {"criteria": len(pos), "affected": len(affected), "gain": gain, "kept": ok}
@@ -257,7 +308,7 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
             gains.update({n: gain for n in pos})
     keep_pos.sort()
     has_criteria = any(cands[n].kind != "statistic" for n in keep_pos)
-    v_final = panel_verdicts(validation, full.subset(keep_pos), cat, panel, on_case) if has_criteria else v_stats
+    v_final = panel_verdicts(validation, full.subset(keep_pos), cat, panel, on_case, cache) if has_criteria else v_stats
     report["accuracy_final"] = acc(v_final)
     if acc(v_final) < acc(v_stats):
         keep_pos, report["criteria_dropped_together"] = list(stat_pos), True
@@ -276,7 +327,8 @@ def split(case_dirs: list[Path], seed: int, val_fraction: float = 0.3) -> tuple[
 
 def learn(case_dirs: list[Path], store: KnowledgeStore, llm: LLMBackend | None, *, seed: int = 0,
           feedback: list[SolvedCase] = (), on_case: Callable | None = None, panel: list[LLMBackend] | None = None,
-          solved: tuple[list[SolvedCase], list[SolvedCase]] | None = None) -> tuple[int, dict]:
+          solved: tuple[list[SolvedCase], list[SolvedCase]] | None = None,
+          cache: VerdictCache | None = None) -> tuple[int, dict]:
     """A new knowledge version from solved cases. `panel`: the diagnosticians that will use the
     knowledge, to validate the LLM-written criteria (None: criteria are kept unvalidated).
     `solved`: (learn, validation) cases already collected, so several learn runs share tool work."""
@@ -288,7 +340,7 @@ def learn(case_dirs: list[Path], store: KnowledgeStore, llm: LLMBackend | None, 
     insights = statistics(learn_cases, cat)
     if llm is not None:
         insights += summarise(learn_cases, cat, llm)
-    final, report = refine(insights, val_cases, cat, panel=panel, model=llm.model if llm else None)
+    final, report = refine(insights, val_cases, cat, panel=panel, model=llm.model if llm else None, cache=cache)
     report.update(learn_cases=len(learn_cases), candidates=len(insights), kept=len(final))
     v = store.publish(final, note=json.dumps({k: report[k] for k in ("learn_cases", "validation_cases", "kept")}),
                       source_model=llm.model if llm else "data")

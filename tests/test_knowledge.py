@@ -198,7 +198,7 @@ def test_panel_refine_keeps_criteria_that_help_and_drops_those_that_mislead():
     unused = _ins("Keratin pearls mark squamous cell carcinoma.", disease="lung_squamous_cell_carcinoma", kind="general",
                   domain="pathology")
     final, rep = panel_refine([helps, misleads, unused], val, cat, panel)
-    assert rep["accuracy_all"] == 0.0 and rep["accuracy_none"] == 0.0  # misled / unhelped panel: heart failure
+    assert rep["accuracy_all"] == 0.0 and rep["accuracy_statistics"] == 0.0  # misled / unhelped: heart failure
     g = rep["criteria_groups"]
     assert g["lung_cancer"]["kept"] is False and g["lung_cancer"]["gain"] < 0
     assert g["pneumonia"]["kept"] is True and g["lung_squamous_cell_carcinoma"]["affected"] == 0 and not g["lung_squamous_cell_carcinoma"]["kept"]
@@ -222,3 +222,25 @@ def test_in_memory_index_retrieves_what_the_store_does(tmp_path):
     b = InsightIndex(ins, k=2, prompt_k=2).retrieve(summary, "chest", evidence)
     assert [(i["text"], i["in_prompt"]) for i in a] == [(i["text"], i["in_prompt"]) for i in b]
     assert a[0]["text"].startswith("Fever with lobar") and a[-1]["kind"] == "statistic" and not a[-1]["in_prompt"]
+
+
+def test_panel_verdicts_resume_from_the_cache_file(tmp_path):
+    from core.catalogue import load_catalogue
+    from knowledge.learn import VerdictCache, panel_refine
+
+    cat = load_catalogue()
+    panel = [_Swayed.make(f"d{i}") for i in range(3)]
+    calls = []
+    for b in panel:
+        orig = b._score
+        b._score = lambda m, o, orig=orig: (calls.append(1), orig(m, o))[1]
+    val = [_solved(f"v{i}", "pneumonia", {}) for i in range(3)]
+    ins = [_ins("Bronchial breathing over one lobe points to pneumonia.", disease="pneumonia"),
+           _ins("A spiculated margin on any opacity means lung cancer.", disease="lung_cancer", kind="rare")]
+    first = panel_refine(ins, val, cat, panel, cache=VerdictCache(tmp_path / "v.jsonl"))
+    n = len(calls)
+    assert n > 0
+    with (tmp_path / "v.jsonl").open("a") as f:
+        f.write('["cut by a crash')  # a torn last line is ignored, not fatal
+    again = panel_refine(ins, val, cat, panel, cache=VerdictCache(tmp_path / "v.jsonl"))
+    assert len(calls) == n and [i.text for i in again[0]] == [i.text for i in first[0]] and again[1] == first[1]
