@@ -39,8 +39,9 @@ class BackendConfig(_Strict):
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
     chat_format: str | None = None  # llama_cpp: only for GGUFs without a chat template
-    # How the openai backend asks for JSON: OpenAI's json_schema, llama.cpp's json_object+schema, vLLM's guided_json.
-    structured_mode: Literal["json_schema", "json_object", "guided_json"] = "json_schema"
+    # How the openai backend asks for JSON: OpenAI's json_schema, llama.cpp's json_object+schema, vLLM's
+    # structured_outputs extra (>= 0.10.2) or its older guided_json (removed in vLLM 0.12).
+    structured_mode: Literal["json_schema", "json_object", "structured_outputs", "guided_json"] = "json_schema"
     structured_retries: int = Field(2, ge=0)
     # option scoring over /v1/completions needs the served model's chat template rendered client-side
     prompt_template: Literal["chatml", "llama3", "plain"] = "chatml"

@@ -1,8 +1,10 @@
 """Local LLM engines compared on the same model and the same 50 case prompts.
 
 For each engine (llama.cpp embedded default, transformers on the same GGUF): generation speed
-(tokens/s), valid-JSON rate without constraints (schema only described in the prompt) and with
-grammar constraints (llama.cpp GBNF / xgrammar), and diagnostic accuracy when the diagnosis is
+(tokens/s), valid-JSON rate without constraints (schema only described in the prompt; `free_parse`:
+a JSON object at all, `free_json`: one that validates against the schema) and with grammar
+constraints (`constrained_json`, llama.cpp GBNF / xgrammar, no retry; `constrained_cut`: failures
+cut off by --max-tokens mid-object), and diagnostic accuracy when the diagnosis is
 generated vs chosen among catalogue candidates by option scoring. Ratios are llama.cpp over
 transformers, measured in the same run.
 
@@ -70,12 +72,13 @@ def run_engine(b: LLMBackend, prompts, truth, names, max_tokens: int) -> dict:
         b.chat([{"role": "user", "content": "Describe the anatomy of the lungs."}], max_tokens=128)
         n_dec += b.calls[-1].completion_tokens
     decode_tok_s = n_dec / (time.perf_counter() - t0)
-    free_ok = constrained_ok = gen_correct = score_correct = 0
+    free_parse = free_ok = constrained_ok = constrained_cut = gen_correct = score_correct = 0
     for msgs, dx in zip(prompts, truth):
         convo = [*msgs, _json_instruction(schema)]
         text = b.chat(convo, max_tokens=max_tokens)
         obj = parse_json_object(text)
         if obj is not None:
+            free_parse += 1
             try:
                 schema.model_validate(obj)
                 free_ok += 1
@@ -86,13 +89,15 @@ def run_engine(b: LLMBackend, prompts, truth, names, max_tokens: int) -> dict:
             constrained_ok += 1
             gen_correct += ans.diagnosis == dx
         except StructuredOutputError:
-            pass
+            # a grammar-constrained reply can still be invalid when max_tokens cuts it off mid-object
+            constrained_cut += b.calls[-1].completion_tokens >= max_tokens
         score_correct += b.score_options(msgs, names).best == dx
     gen = [c for c in b.calls[4:] if c.kind in ("chat", "structured")]
     n = len(prompts)
     return {"engine": type(b).__name__, "load_s": load_s, "decode_tok_s": decode_tok_s,
             "case_tok_s": sum(c.completion_tokens for c in gen) / sum(c.seconds for c in gen),
-            "free_json": free_ok / n, "constrained_json": constrained_ok / n,
+            "free_parse": free_parse / n, "free_json": free_ok / n, "constrained_json": constrained_ok / n,
+            "constrained_cut": constrained_cut / n,
             "acc_generated": gen_correct / n, "acc_scored": score_correct / n, "chance": 1 / len(names)}
 
 
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(run_engine(b, prompts, truth, names, args.max_tokens))
         b.close()
         print(json.dumps(rows[-1]), flush=True)
-    cols = ["engine", "load_s", "decode_tok_s", "case_tok_s", "free_json", "constrained_json", "acc_generated", "acc_scored", "chance"]
+    cols = ["engine", "load_s", "decode_tok_s", "case_tok_s", "free_parse", "free_json", "constrained_json",
+            "constrained_cut", "acc_generated", "acc_scored", "chance"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

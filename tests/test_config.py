@@ -55,3 +55,48 @@ def test_bad_file_names_the_file(tmp_path):
         load_settings(tmp_path / "missing.toml", env={})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_settings(overrides=["planner"], env={})
+
+
+PANEL_TOML = """
+[llm.backends.alt]            # a second local GGUF, another model family
+kind = "llama_cpp"
+model = "{gguf}"
+
+[llm.backends.gpu]            # a bigger model behind `vllm serve` (any OpenAI-compatible server)
+kind = "openai"
+model = "Qwen/Qwen2.5-7B-Instruct"
+base_url = "http://127.0.0.1:8000/v1"
+structured_mode = "structured_outputs"
+
+[llm.roles]
+diagnosticians = ["local", "alt", "gpu"]
+"""
+
+
+def test_three_diagnosticians_can_be_three_models_from_file_env_or_cli(tmp_path, monkeypatch):
+    """Each role names backends; each backend its kind and model: three diagnosticians, three different models."""
+    from agents.llm.factory import BackendPool
+
+    monkeypatch.chdir(tmp_path)
+    gguf = tmp_path / "other-model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")  # constructing a backend does not load it; only its existence is checked
+    want = [("local", "llama_cpp", None), ("alt", "llama_cpp", str(gguf)),
+            ("gpu", "openai", "Qwen/Qwen2.5-7B-Instruct")]
+
+    f = tmp_path / "grandrounds.toml"
+    f.write_text(PANEL_TOML.format(gguf=gguf))
+    env = {"GRANDROUNDS__LLM__BACKENDS__ALT__KIND": "llama_cpp", "GRANDROUNDS__LLM__BACKENDS__ALT__MODEL": str(gguf),
+           "GRANDROUNDS__LLM__BACKENDS__GPU__KIND": "openai",
+           "GRANDROUNDS__LLM__BACKENDS__GPU__MODEL": "Qwen/Qwen2.5-7B-Instruct",
+           "GRANDROUNDS__LLM__BACKENDS__GPU__BASE_URL": "http://127.0.0.1:8000/v1",
+           "GRANDROUNDS__LLM__ROLES__DIAGNOSTICIANS": '["local", "alt", "gpu"]'}
+    cli = [f'llm.backends.alt={{kind="llama_cpp", model="{gguf}"}}',
+           'llm.backends.gpu={kind="openai", model="Qwen/Qwen2.5-7B-Instruct", base_url="http://127.0.0.1:8000/v1"}',
+           'llm.roles.diagnosticians=["local", "alt", "gpu"]']
+    for s in (load_settings(f, env={}), load_settings(env=env), load_settings(overrides=cli, env={})):
+        got = [(n, c.kind, c.model) for n, c in s.llm.backend_for("diagnosticians")]
+        assert got == want
+        panel = BackendPool(s).for_role("diagnosticians")
+        assert len({id(b) for b in panel}) == 3
+        assert [b.model for b in panel] == ["SmolLM2-135M-Instruct.Q4_1.gguf", gguf.name, "Qwen/Qwen2.5-7B-Instruct"]
+    assert load_settings(f, env={}).llm.backends["gpu"].structured_mode == "structured_outputs"

@@ -136,10 +136,16 @@ class LLMBackend(ABC):
             temperature=self.temperature if temperature is None else temperature, json_schema=None)).text
 
     def stream(self, messages: list[Message], *, max_tokens: int | None = None) -> Iterator[str]:
+        """Text pieces as they arrive; the call is recorded with its piece count (≈ tokens) once it ends."""
         t0, n = time.perf_counter(), 0
-        for piece in self._stream(messages, max_tokens=max_tokens or self.max_tokens, temperature=self.temperature):
-            n += 1
-            yield piece
+        try:
+            for piece in self._stream(messages, max_tokens=max_tokens or self.max_tokens,
+                                      temperature=self.temperature):
+                n += 1
+                yield piece
+        except LLMError as e:
+            self.calls.append(CallRecord("chat", self.model, 0, n, time.perf_counter() - t0, False, str(e)))
+            raise
         self.calls.append(CallRecord("chat", self.model, 0, n, time.perf_counter() - t0))
 
     def structured(self, messages: list[Message], schema: type[T], *, max_tokens: int | None = None,
@@ -148,14 +154,17 @@ class LLMBackend(ABC):
         convo = list(messages)
         attempts = 1 + (self.structured_retries if retries is None else retries)
         err, text = "", ""
+        limit = max_tokens or self.max_tokens
         for _ in range(attempts):
             comp = self._record("structured", lambda: self._complete(
-                convo, max_tokens=max_tokens or self.max_tokens, temperature=self.temperature, json_schema=js))
+                convo, max_tokens=limit, temperature=self.temperature, json_schema=js))
             text = comp.text
             try:
                 return schema.model_validate_json(_strip_fences(text))
             except ValidationError as e:
                 err = "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: {x['msg']}" for x in e.errors()[:5])
+                if comp.finish_reason == "length":  # grammar or not, a reply cut off mid-object is not JSON
+                    err = f"reply cut off at max_tokens={limit} (too long): {err}"
             convo = [*messages, {"role": "assistant", "content": text}, _retry_message(err)]
         raise StructuredOutputError(schema.__name__, attempts, err, text)
 

@@ -1,4 +1,4 @@
-"""Backends from configuration: `backend_from_config` and `backends_for_role`."""
+"""Backends from configuration: `backend_from_config`, and `BackendPool` (one instance per backend, `for_role`)."""
 from __future__ import annotations
 
 from agents.llm.base import LLMBackend

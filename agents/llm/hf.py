@@ -6,6 +6,8 @@ names a local HF folder. Structured output is grammar-constrained with xgrammar'
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,15 +100,24 @@ class TransformersBackend(LLMBackend):
         return Completion(text, int(ids.shape[1]), int(len(new)), dt, finish)
 
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
+        """log P(option | prompt): the prompt is run once, each option continues from a copy of its KV cache
+        (a copy, not a crop: the cache's crop API has changed across transformers versions)."""
         model, tok = self._load()
         prompt = self._prompt_ids(messages)
         n = prompt.shape[1]
         out = []
-        with torch.inference_mode():
+        # transformers renamed `past_key_values` to `cache` (5.x, old name removed in 5.40): use what forward takes
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with self._lock, torch.inference_mode():
+            res = model(prompt, use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(res.logits[0, -1].double(), dim=-1)
+            cache = res[key]
             for opt in options:
                 oid = tok(opt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-                full = torch.cat([prompt, oid], dim=1)
-                logp = torch.log_softmax(model(full).logits[0, n - 1:-1].double(), dim=-1)
-                total = logp.gather(1, oid[0][:, None]).sum().item()
+                total = first[oid[0, 0]].item()
+                if oid.shape[1] > 1:  # logits after each option token but the last score the next one
+                    r = model(oid[:, :-1], use_cache=True, **{key: copy.deepcopy(cache)})
+                    logp = torch.log_softmax(r.logits[0].double(), dim=-1)
+                    total += logp.gather(1, oid[0, 1:, None]).sum().item()
                 out.append(OptionScore(opt, float(total), int(oid.shape[1])))
         return out, int(n)

@@ -2,12 +2,14 @@
 
 Structured output goes through the server's own constrained decoding (`structured_mode`):
 OpenAI/vLLM `response_format={"type": "json_schema", ...}`, llama.cpp's
-`{"type": "json_object", "schema": ...}`, or vLLM's `guided_json` extra. Option scoring uses
+`{"type": "json_object", "schema": ...}`, or vLLM's extras: `structured_outputs` (vLLM >= 0.10.2)
+or `guided_json` (vLLM < 0.12, where it was removed). Option scoring uses
 `/v1/completions` with `echo` + `logprobs` over a client-rendered chat prompt (vLLM: also
 `prompt_logprobs`), so it needs the served model's template family in `prompt_template`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,16 +41,26 @@ class OpenAIBackend(LLMBackend):
         return self._client
 
     def _call(self, fn, *args, **kw):
+        with self._errors():
+            return fn(*args, **kw)
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """The client's exceptions as this package's: LLMTimeout, LLMUnavailable (with what to do), LLMError."""
         import openai
 
         try:
-            return fn(*args, **kw)
+            yield
         except openai.APITimeoutError as e:
             raise LLMTimeout(f"{self.name}: no answer from {self.base_url} within {self.timeout_s:g} s") from e
         except openai.APIConnectionError as e:
             raise LLMUnavailable(f"{self.name}: cannot reach {self.base_url} ({e.__cause__ or e}); "
                                  "is the server running? (e.g. `vllm serve MODEL` or "
                                  "`python -m llama_cpp.server --model FILE`)") from e
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            state = "set" if os.environ.get(self.api_key_env) else "unset"
+            raise LLMUnavailable(f"{self.name}: {self.base_url} rejected the API key (read from "
+                                 f"${self.api_key_env}, which is {state}): {e.status_code}") from e
         except openai.NotFoundError as e:
             raise LLMUnavailable(f"{self.name}: {self.base_url} has no model {self.model!r} or endpoint: {e}") from e
         except openai.APIStatusError as e:
@@ -57,8 +69,10 @@ class OpenAIBackend(LLMBackend):
     def _format_kwargs(self, schema: dict) -> dict:
         if self.structured_mode == "json_object":
             return {"response_format": {"type": "json_object", "schema": schema}}
-        if self.structured_mode == "guided_json":
+        if self.structured_mode == "guided_json":  # vLLM < 0.12 (deprecated in 0.10.2, removed in 0.12)
             return {"extra_body": {"guided_json": schema}}
+        if self.structured_mode == "structured_outputs":  # vLLM >= 0.10.2, its replacement for guided_json
+            return {"extra_body": {"structured_outputs": {"json": schema}}}
         return {"response_format": {"type": "json_schema",
                                     "json_schema": {"name": schema.get("title", "answer"), "schema": schema}}}
 
@@ -76,11 +90,12 @@ class OpenAIBackend(LLMBackend):
                           getattr(u, "completion_tokens", 0) or 0, dt, ch.finish_reason or "stop")
 
     def _stream(self, messages, *, max_tokens, temperature) -> Iterator[str]:
-        it = self._call(self.client.chat.completions.create, model=self.model, messages=messages,
-                        max_tokens=max_tokens, temperature=temperature, stream=True)
-        for chunk in it:
-            if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
-                yield chunk.choices[0].delta.content
+        with self._errors():  # a server that stalls or drops mid-stream is an LLMError too, not a raw client error
+            it = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                     temperature=temperature, stream=True)
+            for chunk in it:
+                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
 
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         prompt = render_chat(messages, self.prompt_template)

@@ -68,16 +68,21 @@ class VLLMBackend(LLMBackend):
         return self.chat_batch([messages], json_schema=json_schema, max_tokens=max_tokens)[0]
 
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
+        """All options in one batch. Prompt and option are tokenised apart and sent as token ids, so the
+        option's tokens are exactly the tail (a text prompt would get a second BOS from the tokenizer on
+        Llama-style templates, and could merge tokens across the prompt/option boundary)."""
         vllm = _import_vllm()
         tok = self.llm.get_tokenizer()
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        p_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])  # the template writes its own BOS
+        o_ids = [list(tok(o, add_special_tokens=False)["input_ids"]) for o in options]
         sp = _sampling(vllm, max_tokens=1, temperature=0.0, seed=self.seed, prompt_logprobs=0)
-        outs = self.llm.generate([prompt + o for o in options], sp, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p_ids + ids} for ids in o_ids], sp, use_tqdm=False)
+        n_prompt = len(p_ids)
         scores = []
         for opt, o in zip(options, outs):
-            ids = o.prompt_token_ids
-            lps = o.prompt_logprobs  # list aligned with ids; first is None
+            ids = list(o.prompt_token_ids)
+            lps = o.prompt_logprobs  # aligned with ids; the first entry is None; each holds the actual token
             total = sum(lps[i][ids[i]].logprob for i in range(n_prompt, len(ids)))
             scores.append(OptionScore(opt, float(total), len(ids) - n_prompt))
         return scores, n_prompt
