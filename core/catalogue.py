@@ -11,6 +11,12 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.yaml")
+# CT-RATE's 18 abnormality columns (Hamamci et al.), lower-cased, in the dataset's order.
+CT_RATE_LABELS = (
+    "medical material", "arterial wall calcification", "cardiomegaly", "pericardial effusion",
+    "coronary artery wall calcification", "hiatal hernia", "lymphadenopathy", "emphysema", "atelectasis",
+    "lung nodule", "lung opacity", "pulmonary fibrotic sequela", "pleural effusion", "mosaic attenuation pattern",
+    "peribronchial thickening", "consolidation", "bronchiectasis", "interlobular septal thickening")
 
 
 class FindingDef(BaseModel):
@@ -78,6 +84,20 @@ class Catalogue(BaseModel):
 
     def pathology_diseases(self) -> list[DiseaseDef]:
         return [d for d in self.diseases.values() if d.domain == "pathology"]
+
+    def ct_rate_labels(self) -> list[str]:
+        """The 18 CT-RATE abnormality labels, in CT-RATE's column order."""
+        present = {f.ct_rate for f in self.findings.values() if f.ct_rate}
+        missing = [lab for lab in CT_RATE_LABELS if lab not in present]
+        if missing:
+            raise ValueError(f"catalogue maps no finding to CT-RATE label(s) {missing}")
+        return list(CT_RATE_LABELS)
+
+    def ct_rate_vector(self, finding_keys) -> list[int]:
+        """0/1 per CT-RATE label for a set of catalogue finding keys (several findings may count
+        towards one label, e.g. lung mass -> lung nodule; findings without a label are ignored)."""
+        hit = {self.findings[k].ct_rate for k in finding_keys if k in self.findings}
+        return [int(lab in hit) for lab in CT_RATE_LABELS]
 
     def normalise_disease(self, text: str, cutoff: float = 0.85) -> str | None:
         """Map a free-text diagnosis to a catalogue key (exact name/synonym, then close match)."""
