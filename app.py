@@ -25,6 +25,9 @@ app.add_typer(review_app, name="review")
 knowledge_app = typer.Typer(help="Learned diagnostic knowledge (MACD), versioned in ChromaDB.", no_args_is_help=True)
 app.add_typer(knowledge_app, name="knowledge")
 
+ctclip_app = typer.Typer(help="CT-CLIP: CT image/report embeddings and the similar-case index.", no_args_is_help=True)
+app.add_typer(ctclip_app, name="ctclip")
+
 _CONFIG: dict = {"path": None, "overrides": []}
 
 
@@ -427,6 +430,45 @@ def knowledge_import(path: Path, store: Annotated[Path | None, typer.Option()] =
     if not path.is_file():
         raise CaseDataError(path, "file", "does not exist")
     console.print(f"imported as version {import_jsonl(_store(store), path)}")
+
+
+@ctclip_app.command("index")
+def ctclip_index(
+    folder: Annotated[Path, typer.Argument(help="A folder of past case folders (or one case folder).")],
+    results: Annotated[Path | None, typer.Option("--results", help="A run's results.jsonl: index its final "
+                                                 "verdicts instead of the cases' truth diagnoses.")] = None,
+    index: Annotated[Path | None, typer.Option("--index", help="Index folder (default: settings.case_index_dir).")]
+    = None,
+    embedder: Annotated[str, typer.Option(help="Image embedder: ctclip (the trained checkpoint) or hu-histogram "
+                                          "(a classical baseline).")] = "ctclip",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Empty the index first (needed after the embedder "
+                                          "or its checkpoint changed).")] = False,
+) -> None:
+    """Index past cases' CT studies for similar-case retrieval (resumable: unchanged cases are skipped).
+
+    The indexed cases are known past cases: their verdicts and reports are what the case_retrieval tool
+    shows the panel. Never index the cases you will evaluate on."""
+    from tools.case_retrieval import EMBEDDERS, build_index
+
+    if embedder not in EMBEDDERS:
+        raise typer.BadParameter(f"one of {', '.join(sorted(EMBEDDERS))}", param_hint="--embedder")
+    settings = _settings()
+    where = index or settings.case_index_dir
+    from core.device import pick_device
+
+    with _progress() as prog:
+        task = prog.add_task("indexing cases", total=None)
+
+        def one(case_id: str, status: str) -> None:
+            prog.advance(task)
+            if status.startswith("skipped"):
+                prog.console.print(f"{case_id}: {status}", markup=False, highlight=False, soft_wrap=True)
+
+        rep = build_index(folder, where, results_jsonl=results, embedder=embedder, device=pick_device(settings.device),
+                          rebuild=rebuild, on_start=lambda n: prog.update(task, total=n), on_case=one)
+    console.print(f"index {where} ({rep.embedder} {rep.version}): {rep.added} added, {rep.updated} updated, "
+                  f"{rep.unchanged} unchanged, {rep.no_ct} without CT, {len(rep.skipped)} skipped; {rep.total} "
+                  f"cases indexed; {rep.seconds:.1f} s ({rep.rate:.2f} cases/s)", highlight=False)
 
 
 @app.command()

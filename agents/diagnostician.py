@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, create_model
 
-from agents.evidence import learned_rates, log_likelihood, observations, supporting
+from agents.evidence import SIMILAR_PREFIX, learned_rates, log_likelihood, observations, supporting
 from agents.llm.base import LLMBackend, LLMError
 from agents.schemas import Claim, Opinion, Ranked
 from core.catalogue import Catalogue
@@ -146,6 +146,10 @@ def _diagnose(msgs, *, agent, persona, llm, cat, candidates, tool_results, insig
 def _evidence_statement(o: dict, d, rival, cat: Catalogue) -> str:
     f = o["finding"]
     key = o["key"]
+    vs = f" over {rival.name}" if rival else ""
+    if key.startswith(SIMILAR_PREFIX):  # "3/5 similar past cases were Pneumonia"
+        what = f.get("detail") or f"similar past cases were {d.name}"
+        return f"{what[0].upper() + what[1:]}, which favours {d.name}{vs}."
     name = cat.findings[key].name if key in cat.findings else key.split(":", 1)[-1].replace("_", " ")
     what = name if f.get("present", True) else f"no {name}"
     # every agreeing tool's measurement (e.g. a CT analysis and a segmentation volume), named when there are several
@@ -159,5 +163,4 @@ def _evidence_statement(o: dict, d, rival, cat: Catalogue) -> str:
         what += f" (p={f['probability']:.2f})"
     if f.get("location"):
         what += f", {f['location']}"
-    vs = f" over {rival.name}" if rival else ""
     return f"{what[0].upper() + what[1:]} favours {d.name}{vs}."

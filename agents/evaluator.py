@@ -1,8 +1,10 @@
 """Evaluator: normalise each diagnostician's answer to the catalogue, decide agreement, check citations."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
+from agents.evidence import SIMILAR_PREFIX
 from agents.schemas import Claim, RoundRecord
 from core.catalogue import Catalogue
 from core.reports import read_findings
@@ -20,16 +22,79 @@ def evaluate(opinions: list[dict], round_: int, cat: Catalogue, rule: str = "all
     return RoundRecord(round=round_, votes=votes, agree=agree)
 
 
+_PATTERNS: dict[int, list[tuple[re.Pattern, str]]] = {}
+
+
+def _disease_patterns(cat: Catalogue) -> list[tuple[re.Pattern, str]]:
+    if id(cat) in _PATTERNS:
+        return _PATTERNS[id(cat)]
+    pats = []
+    for key, d in cat.diseases.items():
+        for name in d.names():
+            words = re.escape(name.lower()).replace(r"\ ", r"[\s-]+")
+            pats.append((re.compile(rf"\b{words}\b", re.I), key, len(name)))
+    pats.sort(key=lambda p: -p[2])  # longest first
+    _PATTERNS[id(cat)] = [(p, k) for p, k, _ in pats]
+    return _PATTERNS[id(cat)]
+
+
+def diseases_named(text: str, cat: Catalogue) -> tuple[set[str], str]:
+    """(catalogue diseases named in text, the text with those names blanked out)."""
+    found = set()
+    for pat, key in _disease_patterns(cat):
+        if pat.search(text):
+            found.add(key)
+            text = pat.sub(" ", text)
+    return found, text
+
+
+def _retrieved_verdicts(tools: list[dict]) -> dict[str, tuple[int, int]]:
+    """disease -> (count, k) from cited similar-case retrieval results."""
+    out = {}
+    for r in tools:
+        for f in r.get("findings", []):
+            if f["label"].startswith(SIMILAR_PREFIX) and f.get("value") is not None and f.get("probability"):
+                k = round(f["value"] / f["probability"])
+                out[f["label"][len(SIMILAR_PREFIX):]] = (int(f["value"]), int(k))
+    return out
+
+
+def _similar_claim_holds(statement: str, verdicts: dict[str, tuple[int, int]], cat: Catalogue) -> tuple[bool, str]:
+    """A claim citing similar-case retrieval must name a verdict the retrieval reported, and any
+    "a/b similar ... cases were X" it states must match the retrieved counts. Returns (holds, the
+    statement with disease names removed, for the finding check)."""
+    named, rest = diseases_named(statement, cat)
+    if not named & set(verdicts):
+        return False, rest
+    for a, b, tail in re.findall(r"(\d+)\s*(?:/|of|out of)\s*(\d+)\s+(?:of\s+the\s+)?(?:most\s+)?similar[^.;]*?"
+                                 r"(?:were|was|had)\s+([^.;,]+)", statement, re.I):
+        said, _ = diseases_named(tail, cat)
+        for dx in said:
+            if verdicts.get(dx, (0, int(b))) != (int(a), int(b)):
+                return False, rest
+    return True, rest
+
+
 def check_claim(claim: Claim, results: dict[str, dict], insight_ids: set[str], cat: Catalogue) -> bool:
     """A claim holds when every cited id exists (ok tool result or insight) and, where it names
-    catalogue findings, a cited tool result reports them the same way (present/absent)."""
+    catalogue findings, a cited tool result reports them the same way (present/absent). A claim
+    citing similar-case retrieval must also name a verdict the retrieved cases had (with the
+    counts the retrieval reported, if it gives any)."""
     if not claim.cites:
         return False
     for c in claim.cites:
         if c not in insight_ids and (c not in results or results[c]["status"] != "ok"):
             return False
-    mentioned = read_findings(claim.statement, cat)
     cited_tools = [results[c] for c in claim.cites if c in results]
+    statement = claim.statement
+    verdicts = _retrieved_verdicts(cited_tools)
+    if verdicts:
+        holds, statement = _similar_claim_holds(statement, verdicts, cat)
+        if not holds:
+            return False
+    mentioned = read_findings(statement, cat)
+    if verdicts and not mentioned:
+        return True  # rests on the retrieved verdicts, checked above
     if not mentioned:
         return not cited_tools  # an insight-only claim; a tool citation must say which finding it rests on
     for key, status in mentioned.items():

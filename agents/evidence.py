@@ -2,7 +2,8 @@
 
 The catalogue's P(finding | disease) plays the part of a guideline (MACD's baseline prompts carry
 the same knowledge as text). Tool findings with a probability count as soft evidence; hard
-findings count as present/absent; findings the tools did not examine count for nothing.
+findings count as present/absent; findings the tools did not examine count for nothing. Similar
+past cases' verdicts (case retrieval) count as weak evidence for those diagnoses.
 """
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from core.catalogue import Catalogue, DiseaseDef
 
 _FLOOR, _CEIL = 0.02, 0.98
 _UNLISTED = 0.03  # a finding the catalogue does not list for a disease: rare, not impossible
+# Similar-case retrieval (tools/case_retrieval.py) reports the share of the k most similar past cases
+# with each verdict ("similar_verdict:<disease>"). It counts as weak evidence: a disease gains
+# SIMILAR_WEIGHT * log(share / floor) (a verdict no neighbour had gains nothing), so 5/5 neighbours
+# add ~1.2 nats and 1/5 ~0.35, less than one well-measured finding, since neighbours' verdicts
+# largely echo the same image features the other tools measure.
+SIMILAR_PREFIX = "similar_verdict:"
+SIMILAR_WEIGHT = 0.5
+_SIMILAR_FLOOR = 0.1
 
 
 def p_finding(d: DiseaseDef, key: str, learned: dict | None = None) -> float:
@@ -42,7 +51,7 @@ def observations(tool_results: list[dict], cat: Catalogue) -> list[dict]:
             continue
         for f in r.get("findings", []):
             label = f["label"]
-            if label.startswith("slide_class:") and f.get("probability") is not None:
+            if label.startswith(("slide_class:", SIMILAR_PREFIX)) and f.get("probability") is not None:
                 obs.append({"key": label, "p": float(f["probability"]), "source": r["id"], "finding": f})
             elif label in cat.findings:
                 p = f.get("probability")
@@ -54,6 +63,10 @@ def observations(tool_results: list[dict], cat: Catalogue) -> list[dict]:
 def log_likelihood(d: DiseaseDef, obs: list[dict], learned: dict | None = None) -> float:
     ll = 0.0
     for o in obs:
+        if o["key"].startswith(SIMILAR_PREFIX):
+            if o["key"][len(SIMILAR_PREFIX):] == d.key:
+                ll += SIMILAR_WEIGHT * math.log(max(o["p"], _SIMILAR_FLOOR) / _SIMILAR_FLOOR)
+            continue
         if o["key"].startswith("slide_class:"):
             if d.slide_class:
                 cls = o["key"].split(":", 1)[1]

@@ -29,6 +29,7 @@ from agents.run_tools import run_planned
 from agents.schemas import Claim, Plan, Ranked, ReviewDecision, RoundRecord, Verdict
 from agents.services import Services
 from core.catalogue import load_catalogue
+from tools.case_retrieval import configure as configure_case_index
 
 
 def _merge(a: dict | None, b: dict | None) -> dict:
@@ -61,6 +62,7 @@ class DiagnosticianInput(TypedDict):
 def build_graph(services: Services, checkpointer=None):
     cat = load_catalogue()
     settings = services.settings
+    configure_case_index(settings.case_index_dir)  # no index there: case_retrieval is simply not planned
     panel = services.llms.for_role("diagnosticians")
 
     def n_intake(state: ConsultState) -> dict:

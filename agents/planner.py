@@ -2,6 +2,7 @@
 
 The rule: a tool runs on a study only if it accepts the study's modality, and every study gets the
 tools whose `relevance` says they apply (so a weak planner can never leave a study unexamined).
+A tool that is not `available()` here (similar-case retrieval without a built index) is not offered.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _proposal_model(names: list[str]) -> type[BaseModel]:
 
 def plan_tools(summary: str, studies: list[dict], llm: LLMBackend | None, complaint: str = "") -> Plan:
     classes = tool_classes()
-    usable = {n: c for n, c in classes.items() if any(Modality(s["modality"]) in c.modalities for s in studies)}
+    usable = {n: c for n, c in classes.items()
+              if any(Modality(s["modality"]) in c.modalities for s in studies) and c.available()}
     proposed: list[str] = []
     if llm is not None and usable:
         menu = "\n".join(f"- {n}: {c.description} (modalities: {', '.join(m.value for m in c.modalities)})"

@@ -90,6 +90,9 @@ class Settings(_Strict):
     tool_workers: int = Field(2, ge=1)
     llm_rationale: bool = True  # diagnosticians also write free-text claims (evals may turn this off for speed)
     knowledge_dir: Path = Path("knowledge_store")
+    # Similar-case retrieval (tools/case_retrieval.py): the index `grandrounds ctclip index` builds. No index
+    # there: the case_retrieval tool is not planned.
+    case_index_dir: Path = Path("case_index")
     web: WebConfig = Field(default_factory=WebConfig)
 
 

@@ -97,6 +97,12 @@ class Tool(ABC):
         """Load weights (once, lazily, on first run). Classical tools have none."""
 
     @classmethod
+    def available(cls) -> bool:
+        """Whether the tool can run in this installation at all (e.g. similar-case retrieval needs a built
+        index). An unavailable tool is left off the planner's menu and never planned."""
+        return True
+
+    @classmethod
     def relevance(cls, study: dict, complaint: str) -> str | None:
         """Why the planner's rule wants this tool for a study (`study`: id, modality, description,
         acquisition), or None. Default: a modality's standard analysis always runs; conditional
