@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from core.catalogue import CT_RATE_LABELS
+from training.train_cxr import auc  # one ROC AUC for every training entry
 from tools.ctclip import (DEFAULT_CONFIG, FOV_MM, GRID, WINDOWS, CTCLIP, build_model, calibrate, clear_prompt_cache,
                           encode_inputs, sigmoid, split_sentences, window_channels, zero_shot_logits)
 
@@ -184,31 +185,10 @@ def make_dataset(seed: int, n: int, *, enriched_rate: float = 0.0, metal_rate: f
     return out
 
 
-def rules_labels(reports: list[str]) -> np.ndarray:
-    """Rule-based silver labels: core.reports.read_findings (present or hedged) -> CT-RATE vector."""
-    from core.catalogue import load_catalogue
-    from core.reports import read_findings
-
-    cat = load_catalogue()
-    out = []
-    for r in reports:
-        keys = [k for k, m in read_findings(r, cat).items() if m in ("present", "uncertain")]
-        out.append(cat.ct_rate_vector(keys))
-    return np.asarray(out, np.float32)
-
-
 def silver_labels(reports: list[str], method: str, cache_dir: Path | None = None) -> np.ndarray:
-    """[n, 18] labels in [0, 1] read from the reports: `agents.labels.extract_labels` when it exists
-    (the LLM or its rule baseline), else core.reports' rule reader (rules only)."""
-    try:
-        from agents.labels import extract_labels
-    except ImportError:
-        extract_labels = None
-    if extract_labels is None:
-        if method != "rules":
-            raise RuntimeError(f"--labels {method} needs agents.labels.extract_labels, which is not installed here")
-        # TODO(issue 9): agents.labels.extract_labels replaces this fallback once it lands (same rules, same shape).
-        return rules_labels(reports)
+    """[n, 18] labels in [0, 1] read from the reports by `agents.labels.extract_labels` (the LLM or its rules)."""
+    from agents.labels import extract_labels
+
     key = hashlib.sha1(("\n\x00".join(reports) + method).encode()).hexdigest()[:16]
     f = Path(cache_dir) / f"labels_{method}_{key}.npy" if cache_dir else None
     if f is not None and f.is_file():
@@ -253,18 +233,6 @@ def sentence_table(reports: list[str], cache_dir: Path | None = None) -> tuple[d
 
 
 # ------------------------------------------------------------------ metrics
-
-def auc(y: np.ndarray, s: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney with tied ranks); nan when a class is missing."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y).astype(bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(np.asarray(s, float))
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
 
 def macro_auc(y: np.ndarray, s: np.ndarray) -> tuple[float, list[float]]:
     per = [auc(y[:, k] >= 0.5, s[:, k]) for k in range(y.shape[1])]
