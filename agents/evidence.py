@@ -13,6 +13,8 @@ from core.catalogue import Catalogue, DiseaseDef
 
 _FLOOR, _CEIL = 0.02, 0.98
 _UNLISTED = 0.03  # a finding the catalogue does not list for a disease: rare, not impossible
+# How many solved cases the guideline value is worth when a learned statistic updates it (p_finding).
+PRIOR_CASES = 10
 # Similar-case retrieval (tools/case_retrieval.py) reports the share of the k most similar past cases
 # with each verdict ("similar_verdict:<disease>"). It counts as weak evidence: a disease gains
 # SIMILAR_WEIGHT * log(share / floor) (a verdict no neighbour had gains nothing), so 5/5 neighbours
@@ -24,22 +26,23 @@ _SIMILAR_FLOOR = 0.1
 
 
 def p_finding(d: DiseaseDef, key: str, learned: dict | None = None) -> float:
-    """P(the tools report `key` | d): learned from data when a statistic insight exists (it knows the
-    tools' real sensitivity), else the catalogue's guideline value."""
+    """P(the tools report `key` | d): the catalogue's guideline value, updated by a learned statistic
+    when one exists (it knows the tools' real sensitivity). The update is Bayesian: the guideline
+    counts as PRIOR_CASES pseudo-cases, so a rate seen on 5 cases moves it a third of the way and a
+    rate seen on 100 nearly all the way (learning from a handful of cases must not replace a guideline)."""
+    prior = d.findings.get(key, _UNLISTED)
     if learned and (d.key, key) in learned:
-        return min(max(learned[(d.key, key)], _FLOOR), _CEIL)
-    return min(max(d.findings.get(key, _UNLISTED), _FLOOR), _CEIL)
+        rate, n = learned[(d.key, key)]
+        prior = (rate * n + prior * PRIOR_CASES) / (n + PRIOR_CASES)
+    return min(max(prior, _FLOOR), _CEIL)
 
 
 def learned_rates(insights: list[dict]) -> dict:
-    """(disease, finding) -> rate from statistic insights (shrunk towards 0.5 by their support)."""
+    """(disease, finding) -> (rate the tools reported it, number of cases) from statistic insights."""
     out = {}
     for i in insights:
         if i.get("kind") == "statistic" and i.get("finding") and i.get("rate_with") is not None:
-            n = i.get("support") or 0
-            out[(i["disease"], i["finding"])] = (i["rate_with"] * n + 0.5) / (n + 1)
-            if i.get("rate_without") is not None:
-                out.setdefault(("*other*", i["finding"]), i["rate_without"])
+            out[(i["disease"], i["finding"])] = (float(i["rate_with"]), int(i.get("support") or 0))
     return out
 
 

@@ -5,7 +5,8 @@ the same model, with statistics only, and with knowledge transferred from anothe
 
 The cohort is split by seed: 60% learn+validation (split 70/30 by the learn step, so 42/18 of
 the whole) and 40% test. Knowledge is learned on learn, refined on validation (statistics by the
-evidence scorer, LLM-written criteria by the panel itself), then the full consultation (tools on)
+evidence scorer, LLM-written criteria by the panel itself, and the whole set against the panel
+without knowledge: a set that does worse than nothing is not published), then the full consultation (tools on)
 runs on test under each condition, every case in a fresh thread, all conditions sharing one set
 of tool results. 95% Wilson intervals; paired difference counts.
 """
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         store, rep_path = KnowledgeStore(work / name), work / f"{name}.report.json"
         if rep_path.is_file() and store.current_version():
             return store, store.current_version(), json.loads(rep_path.read_text())
-        v, rep = learn(learn_dirs, store, llm, seed=args.seed, panel=panel if llm is not None else None,
+        v, rep = learn(learn_dirs, store, llm, seed=args.seed, panel=panel,
                        solved=tuple(solved), cache=cache)
         rep_path.write_text(json.dumps(rep, indent=1, default=str))
         print(f"{name} refinement:", json.dumps(rep.get("panel", {})), flush=True)

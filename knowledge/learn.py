@@ -6,7 +6,8 @@
 3. refine: keep a diverse subset (MMR on embeddings) and only insight groups that do not lower
    accuracy on the validation split: statistics per disease through the evidence scorer (cheap,
    no LLM), then the LLM-written criteria per disease through the real panel (the criteria only
-   act through the prompt, so only the panel can tell whether they help).
+   act through the prompt, so only the panel can tell whether they help), and last the whole set
+   against the same panel without knowledge: nothing is published that does worse than that.
 Solved cases are cases with truth: a generated cohort, or cases a reviewer decided (human feedback).
 """
 from __future__ import annotations
@@ -231,9 +232,13 @@ def refine(insights: list[Insight], validation: list[SolvedCase], cat: Catalogue
                 continue  # this disease's statistics lower validation accuracy: left out of the version
             final.append(i.model_copy(update={"validation_gain": gain if i.kind == "statistic" else None}))
     report["accuracy_final"] = evidence_accuracy(validation, final, cat)
-    if panel and validation and any(i.kind != "statistic" for i in final):
+    report["accuracy_none"] = evidence_accuracy(validation, [], cat)
+    if panel and validation:  # the panel has the last word, against itself without knowledge
         final, report["panel"] = panel_refine(final, validation, cat, panel, model=model, on_case=on_case,
                                               cache=cache)
+    elif report["accuracy_final"] < report["accuracy_none"]:
+        final = [i for i in final if i.kind != "statistic"]  # worse than the guideline alone: publish none
+        report["statistics_dropped_together"] = True
     return final, report
 
 
@@ -271,7 +276,9 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
     """Keep a disease's criteria only if the panel, on the validation cases whose prompts they
     reach, is at least as accurate with them as without them; criteria no validation prompt used
     have no evidence for them and are left out. Last, if the kept criteria together still lower
-    accuracy below statistics alone, none are kept."""
+    accuracy below statistics alone, none are kept; and if what is left is less accurate than the
+    panel without any knowledge, nothing is kept (a version may be empty: learning found nothing
+    that helps)."""
     cands = [i.with_id() if not i.id else i for i in insights]
     full = InsightIndex(cands, model=model)
     truth = {c.case_id: c.diagnosis for c in validation}
@@ -281,6 +288,7 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
 
     stat_pos = [n for n, i in enumerate(cands) if i.kind == "statistic"]
     cache = cache if cache is not None else VerdictCache()  # the final check repeats many ablation prompts
+    v_none = panel_verdicts(validation, None, cat, panel, on_case, cache)
     v_stats = panel_verdicts(validation, full.subset(stat_pos), cat, panel, on_case, cache)
     v_full = panel_verdicts(validation, full, cat, panel, on_case, cache)
     in_prompt = {c.case_id: {i["id"] for i in full.retrieve(c.summary, c.domain, c.tool_results) if i["in_prompt"]}
@@ -289,7 +297,7 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
     for n, i in enumerate(cands):
         if i.kind != "statistic":
             groups[i.disease].append(n)
-    report = {"accuracy_statistics": acc(v_stats), "accuracy_all": acc(v_full),
+    report = {"accuracy_none": acc(v_none), "accuracy_statistics": acc(v_stats), "accuracy_all": acc(v_full),
               "criteria_groups": {}}
     keep_pos, gains = list(stat_pos), {}
     for dx, pos in sorted(groups.items()):
@@ -313,6 +321,10 @@ def panel_refine(insights: list[Insight], validation: list[SolvedCase], cat: Cat
     if acc(v_final) < acc(v_stats):
         keep_pos, report["criteria_dropped_together"] = list(stat_pos), True
         report["accuracy_final"] = acc(v_stats)
+    if report["accuracy_final"] < acc(v_none):
+        # the panel does better with no knowledge at all: this version publishes nothing
+        keep_pos, report["nothing_beats_no_knowledge"] = [], True
+        report["accuracy_final"] = acc(v_none)
     out = [cands[n].model_copy(update={"id": "", "validation_gain": gains[n]}) if n in gains
            else cands[n].model_copy(update={"id": ""}) for n in keep_pos]
     return out, report

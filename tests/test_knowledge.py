@@ -121,8 +121,9 @@ def test_refine_drops_statistics_that_hurt_validation():
     from knowledge.learn import refine, statistics
 
     cat = load_catalogue()
-    learn = ([_solved(f"hf{i}", "heart_failure", {"pleural_effusion": True, "cardiomegaly": i < 9}) for i in range(10)]
-             + [_solved(f"pn{i}", "pneumonia", {"pleural_effusion": False, "consolidation": True}) for i in range(10)])
+    # enough cases that the learned rates outweigh the guideline they update (evidence.PRIOR_CASES)
+    learn = ([_solved(f"hf{i}", "heart_failure", {"pleural_effusion": True, "cardiomegaly": i < 54}) for i in range(60)]
+             + [_solved(f"pn{i}", "pneumonia", {"pleural_effusion": False, "consolidation": True}) for i in range(60)])
     # validation where pneumonia comes with effusion: "pneumonia never has effusion", learned above, misleads
     val = [_solved(f"v{i}", "pneumonia", {"pleural_effusion": True, "consolidation": True}) for i in range(6)]
     final, report = refine(statistics(learn, cat), val, cat)
@@ -203,6 +204,41 @@ def test_panel_refine_keeps_criteria_that_help_and_drops_those_that_mislead():
     assert g["lung_cancer"]["kept"] is False and g["lung_cancer"]["gain"] < 0
     assert g["pneumonia"]["kept"] is True and g["lung_squamous_cell_carcinoma"]["affected"] == 0 and not g["lung_squamous_cell_carcinoma"]["kept"]
     assert [i.text for i in final] == [helps.text] and rep["accuracy_final"] == 1.0
+
+
+def test_nothing_is_published_when_the_panel_does_better_without_knowledge():
+    from core.catalogue import load_catalogue
+    from knowledge.learn import panel_refine
+
+    cat = load_catalogue()
+    panel = [_Swayed.make(f"d{i}") for i in range(3)]
+    # without knowledge the panel answers heart failure: right on these cases
+    val = [_solved(f"v{i}", "heart_failure", {"consolidation": True}) for i in range(4)]
+    stat = _ins("Tools report consolidation with bronchial breathing in 90% of pneumonia cases.", kind="statistic",
+                finding="consolidation", rate_with=0.9, rate_without=0.2, support=12)
+    final, rep = panel_refine([stat], val, cat, panel)
+    assert rep["accuracy_none"] == 1.0 and rep["accuracy_statistics"] == 0.0
+    assert final == [] and rep["nothing_beats_no_knowledge"] and rep["accuracy_final"] == 1.0
+    # the same statistic on cases it does help is kept
+    val_pn = [_solved(f"p{i}", "pneumonia", {"consolidation": True}) for i in range(4)]
+    final, rep = panel_refine([stat], val_pn, cat, panel)
+    assert [i.text for i in final] == [stat.text] and "nothing_beats_no_knowledge" not in rep
+
+
+def test_a_statistic_from_few_cases_updates_the_guideline_rather_than_replacing_it():
+    from agents.evidence import PRIOR_CASES, learned_rates, p_finding
+    from core.catalogue import load_catalogue
+
+    hf = load_catalogue().diseases["heart_failure"]
+    guideline = p_finding(hf, "pleural_effusion")
+
+    def learned(n):
+        return learned_rates([_ins("x", "heart_failure", "statistic", finding="pleural_effusion", rate_with=0.1,
+                                   rate_without=0.1, support=n).model_dump()])
+
+    few, many = p_finding(hf, "pleural_effusion", learned(5)), p_finding(hf, "pleural_effusion", learned(2000))
+    assert few == pytest.approx((0.1 * 5 + guideline * PRIOR_CASES) / (5 + PRIOR_CASES))
+    assert guideline > few > many and many == pytest.approx(0.1, abs=0.01)
 
 
 def test_in_memory_index_retrieves_what_the_store_does(tmp_path):
