@@ -3,8 +3,8 @@
     python -m evals.knowledge_retrieval
 
 Query = embed the case summary (MiniLM, CPU) + Chroma top-k with version/domain filters: the
-retrieve-knowledge node's work. A brute-force numpy cosine search over the same vectors is
-timed in the same run as the baseline.
+retrieve-knowledge node's work. An exact cosine search (torch) over the same vectors is
+timed in the same run as the baseline (same embedding, exact search).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from core.catalogue import load_catalogue
 from knowledge.schema import Insight
@@ -47,27 +48,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             t0 = time.perf_counter()
             s.publish(synthetic_insights(n))
             build = time.perf_counter() - t0
-            s.query("warm-up", domain="chest", k=5)
+            for q in queries[:10]:  # warm-up: first calls pay for lazy loading, not for the search
+                s.query(q, domain="chest", k=5)
             lat = []
             for q in queries:
                 t = time.perf_counter()
                 s.query(q, domain="chest", k=5)
                 lat.append((time.perf_counter() - t) * 1000)
-            got = s.col.get(include=["embeddings"])
-            E = np.asarray(got["embeddings"], dtype=np.float32)
+            got = s.collection(s.current_version()).get(include=["embeddings"])
+            # torch, not numpy: a BLAS thread pool beside torch's spins on 2 cores and triples the time
+            E = torch.from_numpy(np.asarray(got["embeddings"], dtype=np.float32))
             base = []
             for q in queries:
                 t = time.perf_counter()
-                qv = embed([q])[0]
-                np.argsort(-(E @ qv))[:5]
+                qv = torch.from_numpy(embed([q])[0])
+                torch.topk(E @ qv, 5)
                 base.append((time.perf_counter() - t) * 1000)
             rows.append({"n": n, "build_s": build, "p50_ms": float(np.percentile(lat, 50)),
-                         "p95_ms": float(np.percentile(lat, 95)), "numpy_p95_ms": float(np.percentile(base, 95))})
+                         "p95_ms": float(np.percentile(lat, 95)), "exact_p95_ms": float(np.percentile(base, 95))})
             print(rows[-1], flush=True)
-    print("\n| insights | build s | p50 ms | p95 ms | numpy brute-force p95 ms | chroma/numpy p95 |\n|---|---|---|---|---|---|")
+    print("\n| insights | build s | p50 ms | p95 ms | exact search p95 ms (same embedding) | store/exact p95 |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['build_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['numpy_p95_ms']:.1f} | "
-              f"x{r['p95_ms'] / r['numpy_p95_ms']:.2f} |")
+        print(f"| {r['n']} | {r['build_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['exact_p95_ms']:.1f} | "
+              f"x{r['p95_ms'] / r['exact_p95_ms']:.2f} |")
     return rows
 
 

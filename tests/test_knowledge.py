@@ -61,7 +61,8 @@ def test_crash_mid_publish_keeps_previous_version(tmp_path, monkeypatch):
     assert s2.current_version() == 1 and [i.text for i in s2.insights()] == ["criterion one"]
     assert all("half-written" not in i.text for i in s2.query("criterion", k=5))
     v = s2.publish([_ins("criterion two")])  # the stray entries of the unfinished version are cleaned
-    assert v == 2 and s2.col.count() == 2
+    assert v == 2 and s2.count(2) == 1 and s2.count(1) == 1
+    assert {c if isinstance(c, str) else c.name for c in s2.client.list_collections()} == {"insights_v1", "insights_v2"}
 
 
 def test_export_import_moves_knowledge(tmp_path):
