@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "(the previous, evidence-only refinement)")
     ap.add_argument("--transfer-engine", default="transformers", help="backend kind that writes the transferred "
                     "knowledge ('none' to skip)")
+    ap.add_argument("--conditions", default="", help="comma-separated subset of no_knowledge, same_model, "
+                    "statistics_only, transferred (default all): several processes can share one --out, each "
+                    "running a part, and a last run with all of them resumes every part and prints the table")
     args = ap.parse_args(argv)
+    wanted = set(args.conditions.split(",")) if args.conditions else {"no_knowledge", "same_model", "statistics_only",
+                                                                      "transferred"}
     ids = generate_cohort(args.n, args.seed, args.cohort, CohortOptions.for_grid((64, 96, 96), xr_shape=(192, 192),
                                                                                slide_size=(2048, 1536)))
     rng = np.random.default_rng(args.seed)
@@ -75,8 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name} refinement:", json.dumps(rep.get("panel", {})), flush=True)
         return store, v, rep
 
-    stores = {"same_model": learned("same", local), "statistics_only": learned("stats", None)}
-    if args.transfer_engine != "none":
+    stores = {}
+    if "same_model" in wanted:
+        stores["same_model"] = learned("same", local)
+    if "statistics_only" in wanted:
+        stores["statistics_only"] = learned("stats", None)
+    if args.transfer_engine != "none" and "transferred" in wanted:
         # refined by the panel that will use it; the other engine runs the same weights, so its own
         # panel would score alike, only slower
         src, _, rep = learned("other_src", backend_from_config("other", BackendConfig(kind=args.transfer_engine)))
@@ -87,12 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
         stores[f"transferred_from_{args.transfer_engine}"] = (dst, dst.current_version(), rep)
     results, rows_by = {}, {}
     tool_cache: dict = {}  # every condition sees the same tool results; only the knowledge differs
-    rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, work / "none.sqlite",
-                                            log=work / "test_no_knowledge.jsonl", tool_cache=tool_cache)
+    if "no_knowledge" in wanted:
+        rows_by["no_knowledge"] = run_condition(test_dirs, True, settings, pool, work / "none.sqlite",
+                                                log=work / "test_no_knowledge.jsonl", tool_cache=tool_cache)
     for name, (store, v, rep) in stores.items():
         rows_by[name] = run_condition(test_dirs, True, settings, pool, work / f"{name}.sqlite",
                                       knowledge=StoreKnowledge(store, version=v), log=work / f"test_{name}.jsonl",
                                       tool_cache=tool_cache)
+    if "no_knowledge" not in rows_by:
+        print("part done:", ", ".join(rows_by), flush=True)
+        return {}
     base = {r["case"]: r["top1"] == r["truth"] for r in rows_by["no_knowledge"]}
     for name, rows in rows_by.items():
         m = metrics(rows)
