@@ -100,7 +100,8 @@ def random_baselines(labels: np.ndarray, ks=(5, 10), d: int = 128, draws: int = 
             "recall_expected": {k: k / n for k in ks}, "macro_auc": float(np.mean(aucs)), "draws": draws}
 
 
-def label_extraction_summary(n: int, threads: int = 2, seed: int = 0) -> dict:
+def label_extraction_summary(n: int, threads: int = 2, seed: int = 0, cache_dir: str | None = None,
+                             llm_mode: str = "score") -> dict:
     """Hook: LLM-vs-rules silver-label macro AUC on n synthetic CT reports, from evals.label_extraction
     (another issue's module); a clear status instead when it is missing or fails."""
     try:
@@ -108,7 +109,7 @@ def label_extraction_summary(n: int, threads: int = 2, seed: int = 0) -> dict:
     except ImportError:
         return {"status": "hook empty: evals.label_extraction is not installed"}
     argv = ["--n-synthetic", str(n), "--n-iu", "0", "--methods", "rules,llm", "--threads", str(threads),
-            "--seed", str(seed)]
+            "--seed", str(seed), "--llm-mode", llm_mode] + (["--cache-dir", cache_dir] if cache_dir else [])
     try:
         res = label_extraction.main(argv)
     except SystemExit as e:  # an argparse mismatch: say so rather than fail the whole eval
@@ -132,7 +133,9 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=9199)
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--random-draws", type=int, default=20)
-    ap.add_argument("--label-extraction-n", type=int, default=20, help="0 = skip the LLM-vs-rules row")
+    ap.add_argument("--label-extraction-n", type=int, default=100, help="0 = skip the LLM-vs-rules row")
+    ap.add_argument("--label-llm-mode", choices=["structured", "score"], default="score")
+    ap.add_argument("--label-cache-dir", default=None, help="label-extraction JSONL caches (a rerun resumes)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     res["random"] = random_baselines(y, ks, draws=a.random_draws, seed=a.seed)
     res["label_extraction"] = {"status": "pending"}
     _write(res, a, y, ks, final=False)  # the CT-CLIP numbers stand even if the LLM step below is cut short
-    res["label_extraction"] = (label_extraction_summary(a.label_extraction_n, max(a.threads, 2)) if a.label_extraction_n > 0
+    res["label_extraction"] = (label_extraction_summary(a.label_extraction_n, max(a.threads, 2), cache_dir=a.label_cache_dir,
+                                                        llm_mode=a.label_llm_mode) if a.label_extraction_n > 0
                                else {"status": "skipped (--label-extraction-n 0)"})
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return _write(res, a, y, ks, final=True)

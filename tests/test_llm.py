@@ -146,6 +146,15 @@ def test_length_normalisation_changes_the_winner(local):
     assert sum(p.values()) == pytest.approx(1.0) and max(p, key=p.get) == scored.best
 
 
+def test_thread_setting_covers_prompt_processing_too():
+    b = LlamaCppBackend(name="one", model="", n_ctx=512, n_threads=1)
+    try:
+        llm = b._load()
+        assert (llm.n_threads, llm.n_threads_batch) == (1, 1)  # batch threads default to every core
+    finally:
+        b.close()
+
+
 def test_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(LLMUnavailable, match="does not exist"):
         LlamaCppBackend(name="x", model=str(tmp_path / "nope.gguf"))

@@ -62,9 +62,11 @@ class LlamaCppBackend(LLMBackend):
             except ImportError as e:
                 raise LLMUnavailable("llama-cpp-python is not installed: pip install llama-cpp-python") from e
             try:
+                threads = self.n_threads or max(1, min(os.cpu_count() or 1, 8))
+                # n_threads_batch too: it defaults to every core, and prompt scoring is batch work, so a
+                # "one-thread" backend ran two OpenMP threads that spun against the next process
                 self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, seed=self.seed, verbose=False,
-                                  n_threads=self.n_threads or max(1, min(os.cpu_count() or 1, 8)),
-                                  chat_format=self.chat_format)
+                                  n_threads=threads, n_threads_batch=threads, chat_format=self.chat_format)
             except (ValueError, RuntimeError) as e:
                 raise LLMUnavailable(f"{self.name}: llama.cpp could not load {self.path}: {e}") from e
         return self._llm
