@@ -37,7 +37,8 @@ def pooled(opinions: list[dict]) -> list[tuple[str, float]]:
 def run_condition(cases: list[Path], use_tools: bool, settings, pool, state_db: Path, knowledge=None,
                   log: Path | None = None, tool_cache: dict | None = None) -> list[dict]:
     c = Consultation(settings, state_db, llms=pool, use_tools=use_tools, knowledge=knowledge, tool_cache=tool_cache)
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log and log.is_file() else []
+    logged = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log and log.is_file() else []
+    rows = list({r["case"]: r for r in logged}.values())  # a case logged twice (two processes) counts once
     done = {r["case"] for r in rows}  # resume: cases already in the log are kept, not rerun
     for case_dir in cases:
         if case_dir.name in done:

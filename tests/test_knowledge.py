@@ -224,6 +224,10 @@ def test_nothing_is_published_when_the_panel_does_better_without_knowledge():
     val_pn = [_solved(f"p{i}", "pneumonia", {"consolidation": True}) for i in range(4)]
     final, rep = panel_refine([stat], val_pn, cat, panel)
     assert [i.text for i in final] == [stat.text] and "nothing_beats_no_knowledge" not in rep
+    # a tie (the statistic never reaches a prompt: its finding is not reported) is no evidence either
+    val_tie = [_solved(f"t{i}", "heart_failure", {"pleural_effusion": True}) for i in range(4)]
+    final, rep = panel_refine([stat], val_tie, cat, panel)
+    assert rep["accuracy_none"] == rep["accuracy_statistics"] == 1.0 and final == []
 
 
 def test_a_statistic_from_few_cases_updates_the_guideline_rather_than_replacing_it():
