@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,6 +148,18 @@ class Criteria(BaseModel):
     rare: list[str] = Field(max_length=5)
 
 
+def is_criterion(text: str, cat: Catalogue, min_words: int = 4) -> bool:
+    """A criterion must say what to look for. A 135M model often returns a bare label ("Acute Pulmonary
+    Embolism", "Lung Volume"): in a prompt a disease's name only pulls the panel towards that disease
+    (eval 2026-11-29: such 'criteria' turned 5 normal/pericarditis test cases into pulmonary embolism)."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if len(words) < min_words:
+        return False
+    bare = " ".join(w for w in words if w not in {"rare", "acute", "chronic", "pulmonary", "lung", "disease"})
+    names = {" ".join(re.findall(r"[a-z0-9]+", n.lower())) for d in cat.diseases.values() for n in [d.name, *d.synonyms]}
+    return bare not in names
+
+
 def summarise(cases: list[SolvedCase], cat: Catalogue, llm: LLMBackend, per_disease: int = 30) -> list[Insight]:
     out = []
     by_dx: dict[str, list[SolvedCase]] = defaultdict(list)
@@ -167,7 +180,7 @@ def summarise(cases: list[SolvedCase], cat: Catalogue, llm: LLMBackend, per_dise
         except LLMError:
             continue
         for kind, items in (("general", crit.general), ("rare", crit.rare)):
-            for t in dict.fromkeys(x.strip() for x in items if len(x.strip()) > 8):
+            for t in dict.fromkeys(x.strip() for x in items if is_criterion(x, cat)):
                 out.append(Insight(text=t, disease=dx, domain=group[0].domain, kind=kind, source_model=llm.model,
                                    provenance=[c.case_id for c in group]))
     return out

@@ -246,6 +246,17 @@ def test_a_statistic_from_few_cases_updates_the_guideline_rather_than_replacing_
     assert guideline > few > many and many == pytest.approx(0.1, abs=0.01)
 
 
+def test_bare_labels_are_not_criteria():
+    from core.catalogue import load_catalogue
+    from knowledge.learn import is_criterion
+
+    cat = load_catalogue()
+    for label in ["Acute Pulmonary Embolism", "Pneumothorax (rare)", "Lung Volume", "community-acquired pneumonia"]:
+        assert not is_criterion(label, cat), label
+    assert is_criterion("Wedge-shaped peripheral opacity with a filling defect in a segmental artery", cat)
+    assert is_criterion("Pleural effusion with cardiomegaly and septal lines", cat)
+
+
 def test_in_memory_index_retrieves_what_the_store_does(tmp_path):
     from knowledge.apply import InsightIndex, StoreKnowledge
 
