@@ -104,9 +104,16 @@ def test_llm_extractor_returns_valid_scores_and_resists_injection(local):
 
 
 def test_llm_score_mode_gives_probabilities(local):
-    s = extract_labels(["FINDINGS: Large left pleural effusion.", INJECTION], "llm", backend=local, llm_mode="score")
-    assert s.shape == (2, 18) and ((s > 0) & (s < 1)).all()
-    assert not (s[1] >= 0.5).all()
+    clean = "\n".join(line for line in INJECTION.splitlines() if "IGNORE" not in line)
+    s = extract_labels(["FINDINGS: Large left pleural effusion.", INJECTION, clean], "llm", backend=local,
+                       llm_mode="score")
+    assert s.shape == (3, 18) and ((s > 0) & (s < 1)).all()
+    # P(yes) is uncalibrated (a 135M model says "yes" to most questions), so no 0.5 threshold here:
+    # the instruction changes nothing (it is removed before the model reads the report) ...
+    assert np.abs(s[1] - s[2]).max() < 0.02, s[1] - s[2]
+    # ... and the report that has an effusion ranks above the one that says there is none
+    eff = list(LABEL_FIELDS).index("pleural_effusion")
+    assert s[0, eff] > s[1, eff] + 0.05, (s[0, eff], s[1, eff])
 
 
 # ---------------------------------------------------------------- IU reports
