@@ -19,22 +19,6 @@ from pathlib import Path
 import numpy as np
 
 
-def slides(n_per_class: int, seed: int, size: tuple[int, int], work: Path) -> list[tuple[Path, str]]:
-    from core.synth.slides import SLIDE_CLASSES, make_slide
-
-    (work / "slides").mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n_per_class * len(SLIDE_CLASSES)):
-        cls = SLIDE_CLASSES[i % len(SLIDE_CLASSES)]
-        p = work / "slides" / f"probe_{seed}_{size[0]}x{size[1]}_{i:03d}_{cls}.tiff"
-        if not p.is_file():
-            part = p.with_name(p.name + ".part.tiff")  # a killed run leaves no half-written slide
-            make_slide(np.random.default_rng(np.random.SeedSequence([seed, i])), cls, part, size=size)
-            part.rename(p)
-        out.append((p, cls))
-    return out
-
-
 def loo_probe(X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, log_loss
@@ -53,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from core.imaging.wsi_tiles import TileParams, slide_features_many
+    from core.synth.slides import write_slides
     from tools.patch_encoders import get_encoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -66,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    data = slides(a.n_per_class, a.seed, tuple(a.slide_size), a.work_dir)
+    data = write_slides(a.n_per_class, a.seed, tuple(a.slide_size), a.work_dir / "slides", prefix="probe")
     encoders = {"hed_texture": get_encoder("hed_texture"),
                 "cnn_simclr": get_encoder("cnn_simclr", device="cpu"),
                 "cnn_simclr (random init)": get_encoder("cnn_simclr", device="cpu", pretrained=False),

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["SLIDE_CLASSES", "make_slide"]
+__all__ = ["SLIDE_CLASSES", "make_slide", "write_slides"]
 
 SLIDE_CLASSES = ("normal_lung", "lung_adenocarcinoma", "lung_squamous_cell_carcinoma")
 
@@ -315,6 +315,28 @@ def make_slide(
         level_dimensions=[list(d) for d in dims],
     )
     return truth
+
+
+def write_slides(n_per_class: int, seed: int, size: tuple[int, int], folder: Path, prefix: str = "slide"
+                 ) -> list[tuple[Path, str]]:
+    """`n_per_class` slides per class in `folder` (classes interleaved), each with its truth as a JSON
+    sidecar; slides already there are kept, so a killed run resumes. Returns (path, class) pairs."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n_per_class * len(SLIDE_CLASSES)):
+        cls = SLIDE_CLASSES[i % len(SLIDE_CLASSES)]
+        p = folder / f"{prefix}_{seed}_{size[0]}x{size[1]}_{i:03d}_{cls}.tiff"
+        if not p.is_file():
+            part = p.with_name(p.name + ".part.tiff")  # a killed run leaves no half-written slide
+            truth = make_slide(np.random.default_rng(np.random.SeedSequence([seed, i])), cls, part, size=size)
+            truth["path"] = str(p)
+            p.with_suffix(".json").write_text(json.dumps(truth, default=float))
+            part.rename(p)
+        out.append((p, cls))
+    return out
 
 
 def _write_pyramid(img: np.ndarray, path: Path, levels: int, mpp: float, tile: int, quality: int) -> None:
