@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     classes = list(SLIDE_CLASSES)
     slides = write_slides(a.n_slides // len(classes), a.pool_seed, tuple(a.slide_size), a.work_dir / "slides",
                           prefix="eval")
-    bags = slide_bags(slides, classes, [get_encoder(e, device="cpu") for e in encoders], grid,
+    needed = list(dict.fromkeys(encoders + shipped.cfg.encoders))  # the shipped model's too, for its row
+    bags = slide_bags(slides, classes, [get_encoder(e, device="cpu") for e in needed], grid,
                       cache_dir=a.work_dir / "features")
     t_data = time.perf_counter() - t0
     dims = check_bags(bags, encoders)
