@@ -228,6 +228,12 @@ def test_nothing_is_published_when_the_panel_does_better_without_knowledge():
     val_tie = [_solved(f"t{i}", "heart_failure", {"pleural_effusion": True}) for i in range(4)]
     final, rep = panel_refine([stat], val_tie, cat, panel)
     assert rep["accuracy_none"] == rep["accuracy_statistics"] == 1.0 and final == []
+    # one case won is no evidence either (sign test p = 0.5); four of four is (p = 0.0625 <= 0.1)
+    final, rep = panel_refine([stat], val_pn[:1] + val_tie[:3], cat, panel)
+    assert rep["accuracy_statistics"] == 1.0 > rep["accuracy_none"] == 0.75 and final == []
+    assert rep["paired"] == {"gained": 1, "lost": 0, "p": 0.5, "alpha": 0.1} and rep["nothing_beats_no_knowledge"]
+    final, rep = panel_refine([stat], val_pn, cat, panel)
+    assert rep["paired"]["gained"] == 4 and rep["paired"]["p"] == pytest.approx(0.0625) and len(final) == 1
 
 
 def test_a_statistic_from_few_cases_updates_the_guideline_rather_than_replacing_it():
