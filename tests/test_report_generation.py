@@ -231,6 +231,10 @@ def test_bad_inputs_give_clear_errors(tool, tmp_path):
     blank = Radiograph(array=np.zeros((64, 64), np.float32), spacing=(1.0, 1.0), source=Path("<blank>"), view="PA")
     r = tool.run(blank, None, ctx=_ctx())
     assert r.status == "failed" and "blank" in r.error
+    lateral = Radiograph(array=np.random.default_rng(0).random((64, 64), np.float32), spacing=(1.0, 1.0),
+                         source=Path("lat.png"), view="LAT")
+    r = tool.run(lateral, None, ctx=_ctx())
+    assert r.status == "failed" and "lat.png: view is lateral" in r.error
     r = tool.run(blank, {"beam": 3}, ctx=_ctx())
     assert r.status == "failed" and "beam" in r.error
     with pytest.raises(ModalityMismatch):

@@ -171,6 +171,5 @@ def test_tool_writes_three_radiographs(tmp_path: Path):
     assert imgs["pa_bone_suppressed"].mean() < imgs["pa"].mean()
     share = next(f for f in res.findings if f.label == "drr_bone_attenuation_share").value
     assert 0 < share < 0.5
-    assert res.seconds < 15.0
     with pytest.raises(ModalityMismatch):
         tool.run(study, {}, ctx=RunContext(study_id="xr", modality=Modality.XR))

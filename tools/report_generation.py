@@ -616,7 +616,8 @@ class ReportGeneration(Tool):
         if study is None:
             raise ValueError(f"no radiograph loaded for study {ctx.study_id}: the image is missing")
         if str(getattr(study, "view", "PA") or "PA").upper() == "LAT":
-            raise ValueError("lateral radiograph: this tool reads frontal (PA/AP) views only")
+            raise ValueError(f"{getattr(study, 'source', ctx.study_id)}: view is lateral; this tool reads frontal "
+                             "(PA/AP) views only")
         x = model_input(validated_array(study))[None]
         assert self.m is not None
         from core.reports import read_findings
