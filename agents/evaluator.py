@@ -7,7 +7,28 @@ from collections import Counter
 from agents.evidence import SIMILAR_PREFIX
 from agents.schemas import Claim, RoundRecord
 from core.catalogue import Catalogue
-from core.reports import read_findings
+from core.reports import NEGATION_CUES, read_findings
+
+SLIDE_PREFIX = "slide_class:"
+_INFERENCE = re.compile(r",?\s*\b(?:which\s+)?(?:favou?rs?|favou?ring|supports?|supporting|suggests?|suggesting|"
+                        r"points?\s+to|argues?\s+for|is\s+consistent\s+with|consistent\s+with)\b", re.I)
+
+
+def _slide_class_mention(statement: str, cited_tools: list[dict]) -> tuple[str, bool] | None:
+    """The first slide class (of those the cited tools report) the statement names, and whether it says it is
+    present: "No lung squamous cell carcinoma (p=0.02) favours ..." -> (lung_squamous_cell_carcinoma, False).
+    Only the first is read: the rest of such a sentence names the diagnosis it favours, not tool evidence."""
+    classes = {f["label"][len(SLIDE_PREFIX):] for r in cited_tools for f in r.get("findings", [])
+               if f["label"].startswith(SLIDE_PREFIX)}
+    low, best = statement.lower(), None
+    for c in classes:
+        m = re.search(r"\b" + re.escape(c.replace("_", " ")).replace(r"\ ", r"[\s_-]+") + r"\b", low)
+        if m and (best is None or m.start() < best[1]):
+            best = (c, m.start())
+    if best is None:
+        return None
+    before = " " + re.split(r"[.;:]", low[:best[1]])[-1]
+    return best[0], not any(cue in before for cue in NEGATION_CUES)
 
 
 def normalise(diagnosis: str, cat: Catalogue) -> str | None:
@@ -77,7 +98,8 @@ def _similar_claim_holds(statement: str, verdicts: dict[str, tuple[int, int]], c
 
 def check_claim(claim: Claim, results: dict[str, dict], insight_ids: set[str], cat: Catalogue) -> bool:
     """A claim holds when every cited id exists (ok tool result or insight) and, where it names
-    catalogue findings, a cited tool result reports them the same way (present/absent). A claim
+    catalogue findings (or a slide class of a cited pathology tool), a cited tool result reports them the
+    same way (present/absent). A claim
     citing similar-case retrieval must also name a verdict the retrieved cases had (with the
     counts the retrieval reported, if it gives any)."""
     if not claim.cites:
@@ -92,7 +114,19 @@ def check_claim(claim: Claim, results: dict[str, dict], insight_ids: set[str], c
         holds, statement = _similar_claim_holds(statement, verdicts, cat)
         if not holds:
             return False
-    mentioned = read_findings(statement, cat)
+    slide = _slide_class_mention(statement, cited_tools)
+    if slide is not None:
+        cls, present = slide
+        if not any(f["label"] == SLIDE_PREFIX + cls and bool(f.get("present", True)) == present
+                   for r in cited_tools for f in r.get("findings", [])):
+            return False
+        statement = re.sub(re.escape(cls.replace("_", " ")), " ", statement, flags=re.I)
+    # read the evidence, not the inference: "favours"/"suggests" are hedges to a report reader and would
+    # make every "X favours Y" claim's finding uncertain, hence unchecked
+    evidence = _INFERENCE.split(statement, maxsplit=1)[0]
+    mentioned = read_findings(evidence if evidence.strip() else statement, cat)
+    if slide is not None and not mentioned:
+        return True  # rests on the slide class, checked above
     if verdicts and not mentioned:
         return True  # rests on the retrieved verdicts, checked above
     if not mentioned:

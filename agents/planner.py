@@ -47,7 +47,7 @@ def plan_tools(summary: str, studies: list[dict], llm: LLMBackend | None, compla
         for name, cls in usable.items():
             if mod not in cls.modalities:
                 continue
-            why = cls.relevance(s, complaint)
+            why = cls.applies(s, complaint, studies)
             if name in proposed and why:
                 calls.append(PlannedCall(tool=name, study_id=s["id"], reason=f"proposed by planner; rule: {why}"))
             elif name in proposed:

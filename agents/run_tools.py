@@ -35,7 +35,8 @@ def _study_pipeline(case_dir: Path, study_id: str, calls: list[PlannedCall], art
 
     def ctx() -> RunContext:
         return RunContext(study_id=study.id, modality=Modality(study.modality), artefact_dir=artefact_dir,
-                          case_id=case.id, acquisition=dict(study.acquisition))
+                          case_id=case.id, acquisition=dict(study.acquisition), case_dir=case_dir,
+                          case_studies=tuple(case.studies))
 
     restore = sorted((c for c in calls if get_tool(c.tool, device).stage == "restore"),
                      key=lambda c: get_tool(c.tool, device).order)

@@ -270,3 +270,23 @@ def test_restoration_runs_first_and_analysis_sees_its_output(monkeypatch):
     from core.imaging.load import load_study
 
     assert res["measuring"].findings[0].value == 2 * load_study(metal, n).array.shape[0]
+
+
+def test_claims_about_a_slide_class_are_checked_against_the_cited_tool():
+    from agents.evaluator import check_claim
+    from agents.schemas import Claim
+
+    findings = [{"label": "slide_class:lung_adenocarcinoma", "present": True, "probability": 0.93},
+                {"label": "slide_class:lung_squamous_cell_carcinoma", "present": False, "probability": 0.02},
+                {"label": "slide_class:normal_lung", "present": False, "probability": 0.05}]
+    results = {"wsi_fusecpath:slide": {"status": "ok", "findings": findings}}
+
+    def holds(statement: str) -> bool:
+        return check_claim(Claim(statement=statement, cites=["wsi_fusecpath:slide"]), results, set(), CAT)
+
+    assert holds("No lung squamous cell carcinoma (p=0.02) favours Lung adenocarcinoma over Lung squamous cell "
+                 "carcinoma.")
+    assert holds("Lung adenocarcinoma (p=0.93) favours Lung adenocarcinoma over Normal lung.")
+    assert not holds("Lung squamous cell carcinoma (p=0.02) favours Lung squamous cell carcinoma.")  # tool said no
+    assert not holds("No lung adenocarcinoma on the slide favours Normal lung.")
+    assert not holds("Pleural effusion favours Lung adenocarcinoma.")  # a finding the cited tool never reported

@@ -74,6 +74,8 @@ class RunContext:
     case_id: str = ""
     acquisition: dict | None = None  # the Study's acquisition facts (contrast, slice thickness, mpp)
     restored: Any = None  # a restoration tool puts its output study here; later tools on the study receive it
+    case_dir: Path | None = None  # the case folder, for tools that read another study of the case
+    case_studies: tuple = ()  # the case's Study entries (a radiograph's tool may use the case's CT)
 
 
 class Tool(ABC):
@@ -108,6 +110,12 @@ class Tool(ABC):
         acquisition), or None. Default: a modality's standard analysis always runs; conditional
         tools (metal-artefact reduction, slice interpolation) override this."""
         return f"standard {cls.name} for {study['modality']}"
+
+    @classmethod
+    def applies(cls, study: dict, complaint: str, studies: list[dict]) -> str | None:
+        """`relevance` with the whole case in view (`studies`: every study of the case, as `study`).
+        Tools that need another study of the case (a radiograph's prior CT) override this."""
+        return cls.relevance(study, complaint)
 
     @abstractmethod
     def analyse(self, study: Any, params: BaseModel, ctx: RunContext) -> tuple[list[Finding], list[Artefact]]:

@@ -9,7 +9,7 @@ from tools.base import Tool
 # Modules that define tools; imported on first use so `tools list` stays fast and optional deps stay optional.
 TOOL_MODULES = ["tools.mar", "tools.saint", "tools.ct_analysis", "tools.segmentation", "tools.cxr_analysis",
                 "tools.wsi_analysis", "tools.fusecpath", "tools.ctclip", "tools.case_retrieval", "tools.xraysyn",
-                "tools.report_generation"]
+                "tools.prior_ct_views", "tools.report_generation"]
 _CLASSES: dict[str, type[Tool]] = {}
 _INSTANCES: dict[tuple[str, str], Tool] = {}
 

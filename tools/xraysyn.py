@@ -66,14 +66,19 @@ def sweep_geometry(shape: tuple[int, int, int], spacing, det_px: int,
                     det_spacing_mm=2 * r * source_to_det_mm / (sid - r) / det_px)
 
 
-def pool_to(volume: torch.Tensor, spacing, voxel_mm: float) -> tuple[torch.Tensor, tuple[float, float, float]]:
+def pool_to(volume: torch.Tensor, spacing, voxel_mm: float, air: float = 0.0,
+            ) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """Area-downsample (Z, Y, X) so voxels are about `voxel_mm`: finer sampling than the detector
-    resolves is wasted work."""
+    resolves is wasted work. `air`: the value of air (0 for attenuation, -1000 for HU)."""
     f = [max(1, int(voxel_mm / float(s))) for s in spacing]
     sp = tuple(float(s) * k for s, k in zip(spacing, f))
     if all(k == 1 for k in f):
         return volume, sp  # type: ignore[return-value]
-    pooled = F.avg_pool3d(volume[None, None], kernel_size=f, stride=f, ceil_mode=True)[0, 0]
+    # pad with air (adds nothing to a line integral) to whole windows, split evenly so the box's
+    # centre, the isocentre, stays put (ceil_mode would grow the box at one end and shift it)
+    pad = [(-n) % k for n, k in zip(volume.shape[-3:], f)]
+    v = F.pad(volume[None, None], [p for q in reversed(pad) for p in (q // 2, q - q // 2)], value=air)
+    pooled = F.avg_pool3d(v, kernel_size=f, stride=f)[0, 0]
     return pooled, sp  # type: ignore[return-value]
 
 
@@ -131,34 +136,58 @@ def pose_error(rot_a, t_a, rot_b, t_b) -> tuple[float, float]:
     return deg, float(np.linalg.norm(np.subtract(t_a, t_b)))
 
 
+def _descend(rot: torch.Tensor, trans: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, spacing,
+             geometry: Geometry, f: int, n: int, lr_rotation: float, lr_translation: float, response=None) -> float:
+    """n Adam steps on 1 - NCC at binning f (in place on rot, trans); the last NCC."""
+    geo = geometry.binned(f)
+    tgt = F.avg_pool2d(target[None, None], f)[0, 0] if f > 1 else target
+    vol, sp = pool_to(mu, spacing, f * min(float(s) for s in spacing))
+    opt = torch.optim.Adam([{"params": [rot], "lr": lr_rotation}, {"params": [trans], "lr": lr_translation}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
+    loss = torch.tensor(float("nan"))
+    for _ in range(n):
+        opt.zero_grad()
+        L = drr(vol, sp, rotation=rot, translation=trans, **geo.model_dump())
+        loss = 1 - ncc(response(L) if response is not None else L, tgt)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return 1 - float(loss.detach())
+
+
 def register_pose(target: torch.Tensor, mu: torch.Tensor, spacing, geometry: Geometry, *,
                   init_rotation=(0.0, 0.0, 0.0), init_translation=(0.0, 0.0, 0.0),
                   levels: tuple[tuple[int, int], ...] = ((4, 60), (2, 60), (1, 30)),
-                  lr_rotation: float = 0.02, lr_translation: float = 2.0) -> PoseEstimate:
+                  lr_rotation: float = 0.02, lr_translation: float = 2.0, restart_deg: float = 0.0,
+                  response=None) -> PoseEstimate:
     """Pose of `mu` (1/mm, (Z, Y, X)) whose DRR (line integrals at `geometry`) matches `target`.
 
     levels: (binning factor, Adam steps), coarse to fine; at binning f the detector has f x f
     pixels binned and the volume is pooled f-fold (the finest level uses `mu` as given).
-    Learning rates fall by half per level and cosine-anneal within one."""
+    Learning rates fall by half per level and cosine-anneal within one. restart_deg > 0: the
+    coarsest level also starts from the initial rotation turned +-restart_deg about each axis
+    (7 starts) and the best NCC goes on: NCC has local optima a few degrees out. response: a
+    differentiable map of the DRR's line integrals before NCC (e.g. the water beam-hardening curve, so a
+    monochromatic DRR matches a real, polychromatic film; NCC alone is blind only to affine maps)."""
     t0 = time.perf_counter()
-    rot = torch.tensor(init_rotation, dtype=mu.dtype, device=mu.device, requires_grad=True)
-    trans = torch.tensor(init_translation, dtype=mu.dtype, device=mu.device, requires_grad=True)
-    steps, score = 0, float("nan")
-    for i, (f, n) in enumerate(levels):
-        geo = geometry.binned(f)
-        tgt = F.avg_pool2d(target[None, None], f)[0, 0] if f > 1 else target
-        vol, sp = pool_to(mu, spacing, f * min(float(s) for s in spacing))
-        opt = torch.optim.Adam([{"params": [rot], "lr": lr_rotation / 2 ** i},
-                                {"params": [trans], "lr": lr_translation / 2 ** i}])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
-        for _ in range(n):
-            opt.zero_grad()
-            loss = 1 - ncc(drr(vol, sp, rotation=rot, translation=trans, **geo.model_dump()), tgt)
-            loss.backward()
-            opt.step()
-            sched.step()
-            steps += 1
-        score = 1 - float(loss.detach())
+    base = torch.tensor(init_rotation, dtype=mu.dtype, device=mu.device)
+    offsets = [torch.zeros(3)]
+    if restart_deg > 0:
+        offsets += [s * math.radians(restart_deg) * torch.eye(3)[k] for k in range(3) for s in (1.0, -1.0)]
+    best = None
+    f0, n0 = levels[0]
+    for off in offsets:
+        rot = (base + off.to(base)).clone().requires_grad_(True)
+        trans = torch.tensor(init_translation, dtype=mu.dtype, device=mu.device, requires_grad=True)
+        score = _descend(rot, trans, target, mu, spacing, geometry, f0, n0, lr_rotation, lr_translation, response)
+        if best is None or score > best[0]:
+            best = (score, rot, trans)
+    score, rot, trans = best  # type: ignore[misc]
+    steps = n0 * len(offsets)
+    for i, (f, n) in enumerate(levels[1:], start=1):
+        score = _descend(rot, trans, target, mu, spacing, geometry, f, n, lr_rotation / 2 ** i,
+                         lr_translation / 2 ** i, response)
+        steps += n
     return PoseEstimate(rotation=tuple(rot.detach().tolist()), translation=tuple(trans.detach().tolist()),
                         ncc=score, steps=steps, seconds=time.perf_counter() - t0)
 
@@ -237,7 +266,7 @@ class XraySyn(Tool):
         a, spacing, _ = validated_volume(study)
         hu = torch.as_tensor(a, device=self.device)
         n = (p.detector_px, p.detector_px)
-        hu, sp = pool_to(hu, spacing, max(s * k for s, k in zip(spacing, hu.shape)) / p.detector_px)
+        hu, sp = pool_to(hu, spacing, max(s * k for s, k in zip(spacing, hu.shape)) / p.detector_px, air=-1000.0)
         geo = {v: Geometry(**view_geometry(tuple(hu.shape), sp, v, n)) for v in ("PA", "LAT")}
         with torch.no_grad():
             P = [line_integrals(hu, sp, geo[v], VIEW_ROTATIONS[v], polychromatic=p.polychromatic).cpu().numpy()
