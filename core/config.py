@@ -39,6 +39,13 @@ class BackendConfig(_Strict):
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
     chat_format: str | None = None  # llama_cpp: only for GGUFs without a chat template
+    # llama_cpp: a GGUF LoRA adapter applied to the model (e.g. checkpoints/smollm2_grpo_lora.gguf, the
+    # embedded diagnostician's GRPO adapter from training/grpo.py); a relative path is from the repo root
+    lora: str | None = None
+    lora_scale: float = Field(1.0, ge=0)
+    # a reasoning model (<think>/<answer>, e.g. a MedReason-R1 checkpoint served by vLLM, or the embedded model
+    # with its GRPO adapter): the panel reads its reasoned answer (agents/llm/reasoning.py)
+    reasoning: bool = False
     # How the openai backend asks for JSON: OpenAI's json_schema, llama.cpp's json_object+schema, vLLM's
     # structured_outputs extra (>= 0.10.2) or its older guided_json (removed in vLLM 0.12).
     structured_mode: Literal["json_schema", "json_object", "structured_outputs", "guided_json"] = "json_schema"

@@ -6,13 +6,23 @@ from core.config import BackendConfig, Settings
 
 
 def backend_from_config(name: str, cfg: BackendConfig) -> LLMBackend:
+    engine = _engine(name, cfg)
+    if not cfg.reasoning:
+        return engine
+    from agents.llm.reasoning import ReasoningBackend
+
+    return ReasoningBackend(name=name, model=engine.model, inner=engine, max_tokens=cfg.max_tokens,
+                            temperature=cfg.temperature, structured_retries=cfg.structured_retries)
+
+
+def _engine(name: str, cfg: BackendConfig) -> LLMBackend:
     common = dict(name=name, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                   structured_retries=cfg.structured_retries)
     if cfg.kind == "llama_cpp":
         from agents.llm.llama_cpp import LlamaCppBackend
 
         return LlamaCppBackend(model=cfg.model or "", n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, seed=cfg.seed,
-                               chat_format=cfg.chat_format, **common)
+                               chat_format=cfg.chat_format, lora=cfg.lora, lora_scale=cfg.lora_scale, **common)
     if cfg.kind == "transformers":
         from agents.llm.hf import TransformersBackend
 

@@ -40,6 +40,8 @@ class LlamaCppBackend(LLMBackend):
     n_threads: int | None = None
     seed: int = 0
     chat_format: str | None = None
+    lora: str | None = None  # a GGUF LoRA adapter (llama.cpp's format; training/lora_gguf.py writes one)
+    lora_scale: float = 1.0
     _llm: Any = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # llama.cpp is not thread-safe
 
@@ -49,6 +51,14 @@ class LlamaCppBackend(LLMBackend):
             raise LLMUnavailable(f"{self.name}: model file {path} does not exist")
         self.path = path
         self.model = path.name
+        if self.lora:
+            lora = Path(self.lora)
+            if not lora.is_absolute() and not lora.is_file():
+                lora = Path(__file__).resolve().parents[2] / lora  # repo-relative, wherever the process runs
+            if not lora.is_file():
+                raise LLMUnavailable(f"{self.name}: LoRA adapter {self.lora} does not exist")
+            self.lora = str(lora)
+            self.model = f"{path.name}+{lora.name}"  # the adapter is part of the model's identity (caches, provenance)
 
     @property
     def llm(self):
@@ -65,8 +75,9 @@ class LlamaCppBackend(LLMBackend):
                 threads = self.n_threads or max(1, min(os.cpu_count() or 1, 8))
                 # n_threads_batch too: it defaults to every core, and prompt scoring is batch work, so a
                 # "one-thread" backend ran two OpenMP threads that spun against the next process
+                lora = dict(lora_path=self.lora, lora_scale=self.lora_scale) if self.lora else {}
                 self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, seed=self.seed, verbose=False,
-                                  n_threads=threads, n_threads_batch=threads, chat_format=self.chat_format)
+                                  n_threads=threads, n_threads_batch=threads, chat_format=self.chat_format, **lora)
             except (ValueError, RuntimeError) as e:
                 raise LLMUnavailable(f"{self.name}: llama.cpp could not load {self.path}: {e}") from e
         return self._llm
