@@ -51,10 +51,30 @@ def run_model(rows: list[dict], adapter: Path | None, *, max_tokens: int, thread
     return out
 
 
+def run_panel(cases: list, adapter: Path | None, *, threads: int) -> list[dict]:
+    """One diagnostician as the panel runs it (radiologist persona: the model's option likelihoods, calibrated,
+    plus the guideline evidence term and the prior), on the cases' stored tool results."""
+    from agents.diagnostician import PERSONAS, diagnose
+    from agents.llm.llama_cpp import LlamaCppBackend
+    from core.catalogue import load_catalogue
+
+    cat = load_catalogue()
+    be = LlamaCppBackend(name="eval", model="", n_ctx=2048, n_threads=threads, seed=0,
+                         lora=str(adapter) if adapter else None)
+    out = []
+    for c in cases:
+        op = diagnose(agent="a", persona=PERSONAS[0], llm=be, cat=cat, domain=c.domain, summary=c.summary,
+                      tool_results=c.tool_results, insights=[], round_=1, peers=[], previous=None,
+                      write_rationale=False)
+        out.append({"case_id": c.case_id, "truth": c.diagnosis, "panel_pred": op.diagnosis,
+                    "panel_correct": op.diagnosis == c.diagnosis})
+    return out
+
+
 def _summary(recs: list[dict]) -> dict:
     n = len(recs)
     res = {"n": n}
-    for k in ("format", "valid", "correct", "score_correct"):
+    for k in ("format", "valid", "correct", "score_correct", "panel_correct"):
         if recs and k in recs[0]:
             x = sum(r[k] for r in recs)
             p, lo, hi = wilson(x, n)
@@ -84,7 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-score", action="store_true", help="skip the scoring-mode accuracy")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--panel", action="store_true", help="instead: one diagnostician as the panel runs it (option "
+                    "likelihoods + evidence term + prior) without and with the adapter")
     args = ap.parse_args(argv)
+    if args.panel:
+        return panel_main(args)
     _, rows = text_splits(args.data, args.held_out, args.seed)
     rows = rows[: args.limit] if args.limit else rows
     print(f"{len(rows)} held-out cases; greedy generation, max {args.max_tokens} tokens; llama.cpp, "
@@ -122,6 +146,29 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"example ({name}): {results[name][0]['text'][:200]!r}")
     if args.json:
         args.json.write_text(json.dumps({**out, "records": results}, indent=1))
+    return out
+
+
+def panel_main(args) -> dict:
+    from training.grpo_data import load_cases, split_cases
+
+    _, test = split_cases(load_cases(args.data), args.held_out, args.seed)
+    test = test[: args.limit] if args.limit else test
+    res, t = {}, {}
+    for name, adapter in (("before", None), ("after", args.adapter)):
+        t0 = time.perf_counter()
+        res[name] = run_panel(test, adapter, threads=args.threads)
+        t[name] = time.perf_counter() - t0
+    out = {"n": len(test), "seconds": t, **{k: _summary(v) for k, v in res.items()},
+           "paired": paired(res["before"], res["after"], "panel_correct")}
+    b, a, pr = out["before"]["panel_correct"], out["after"]["panel_correct"], out["paired"]
+    print(f"{len(test)} held-out cases, one diagnostician (radiologist persona, evidence term on), llama.cpp")
+    print(f"panel accuracy without the adapter {b['rate']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] ({b['k']}), "
+          f"with it {a['rate']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['k']}); only without / only with "
+          f"{pr['only_before']} / {pr['only_after']} (p={pr['sign_test_p']:.3g}); "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    if args.json:
+        args.json.write_text(json.dumps({**out, "records": res}, indent=1))
     return out
 
 

@@ -229,3 +229,21 @@ def test_reasoning_flag_wraps_the_configured_engine():
     be = backend_from_config("reasoner", BackendConfig(kind="openai", model="medreason-r1",
                                                        base_url="http://127.0.0.1:8000/v1", reasoning=True))
     assert isinstance(be, ReasoningBackend) and be.model == "medreason-r1 (reasoning)"
+
+
+def test_shipped_adapter_makes_the_embedded_model_answer_in_format():
+    """checkpoints/smollm2_grpo_lora.gguf in the embedded engine: the base model ignores the answer format, the
+    adapted one reasons in tags and names one of the candidates (evals/grpo.py has the held-out numbers)."""
+    from agents.llm.llama_cpp import LlamaCppBackend
+    from training.grpo_rewards import THINK_ANSWER
+
+    row = _solved_rows()[0]
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2_grpo_lora.gguf"
+    out = {}
+    for name, lora in (("base", None), ("adapted", str(ckpt))):
+        be = LlamaCppBackend(name=name, model="", n_ctx=2048, n_threads=2, lora=lora, temperature=0.0)
+        out[name] = be.chat(row["prompt"], max_tokens=64)
+        be.close()
+    assert not THINK_ANSWER.match(out["base"])
+    assert THINK_ANSWER.match(out["adapted"]), out["adapted"]
+    assert match_choice(parse_answer(out["adapted"]), row["choices"]) is not None

@@ -62,7 +62,8 @@ def test_registers_a_shifted_patient_and_renders_the_true_lateral(phantom):
     assert reg.ncc_registered > reg.ncc_initial + 0.02 and reg.ncc_registered > 0.99
     rot_err, _ = pose_error(reg.pose.rotation, reg.pose.translation, r_true, t_true)
     dt = np.subtract(reg.pose.translation, t_true)
-    assert rot_err < 1.0 and math.hypot(dt[0], dt[2]) < 2.0, (rot_err, dt)  # depth (dt[1]) is weakly observed
+    # depth (dt[1], along the beam) shows only as magnification: it needs the beam-hardening-matched DRR
+    assert rot_err < 1.0 and np.linalg.norm(dt) < 2.0, (rot_err, dt)
     # the rendered lateral matches the patient's true lateral better than the CT's lateral at the nominal pose
     n = reg.second_view_image.shape[0]
     r2, t2 = other_view_pose(r_true, t_true, "PA", "LAT")

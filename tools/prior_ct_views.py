@@ -184,7 +184,8 @@ class PriorCTViews(Tool):
         reliable = reg.ncc_registered >= RELIABLE_NCC
         second = "left lateral" if reg.second_view == "LAT" else "PA"
         caveat = "" if reliable else (f" Registration is NOT reliable (NCC < {RELIABLE_NCC}): the CT may be of "
-                                      "another region or the patient changed; do not read the rendered view as this film's.")
+                                      "another region or the patient changed; do not read the rendered view as "
+                                      "this film's.")
         findings = [
             Finding(label="prior_ct_registration", value=round(reg.ncc_registered, 4), unit="NCC",
                     detail=f"CT {ct_study.id} registered to this {view} film: DRR similarity {reg.ncc_initial:.3f} "

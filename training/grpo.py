@@ -225,7 +225,8 @@ def cold_start(model, tok, rows: list[dict], s: GrpoSettings, peft_cfg):
     data = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content":
              f"<think>{COLD_START_THINK}</think><answer>{rng.choice(r['choices'])}</answer>"}]} for r in rows]
     cfg = SFTConfig(output_dir=str(s.out / "cold_start"), max_steps=s.cold_start_steps, per_device_train_batch_size=2,
-                    learning_rate=5e-4, logging_steps=5, gradient_checkpointing=False, save_strategy="no", report_to="none", seed=s.seed,
+                    learning_rate=5e-4, logging_steps=5, gradient_checkpointing=False, save_strategy="no",
+                    report_to="none", seed=s.seed,
                     use_cpu=s.device == "cpu", bf16=False, disable_tqdm=True, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
                          peft_config=peft_cfg)
@@ -299,7 +300,8 @@ def train(s: GrpoSettings, extra_rewards: tuple = ()) -> dict[str, Any]:
         report_to="none", seed=s.seed, use_cpu=s.device == "cpu", bf16=s.device != "cpu", use_vllm=s.use_vllm,
         vllm_mode="colocate", remove_unused_columns=False, disable_tqdm=True,
         gradient_checkpointing=s.device != "cpu")  # small CPU models: recomputing activations costs more than it saves
-    trainer = GRPOTrainer(model=model, reward_funcs=[log.wrap(f) for f in (*REWARDS, *extra_rewards)], args=cfg, train_dataset=ds,
+    trainer = GRPOTrainer(model=model, reward_funcs=[log.wrap(f) for f in (*REWARDS, *extra_rewards)], args=cfg,
+                          train_dataset=ds,
                           processing_class=proc, peft_config=peft_cfg,
                           callbacks=[_adapter_saver(s.out / "adapter", s.save_every)])
     t0 = time.perf_counter()

@@ -70,7 +70,8 @@ def _ct_rows(case: Case, study, hu: np.ndarray, cat: Catalogue, rng: np.random.G
         z = min(max(z, 0), hu.shape[0] - 1)
         img = lung_window(hu[z])
         roi = [float(b.box[0]), float(b.box[1]), float(b.box[3]) + 1, float(b.box[4]) + 1] if b else None
-        base = dict(case_id=case.id, study_id=study.id, modality="CT", slice=z, roi=roi, roi_label=b.label if b else None)
+        base = dict(case_id=case.id, study_id=study.id, modality="CT", slice=z, roi=roi,
+                    roi_label=b.label if b else None)
         if b:
             absent = [k for k in FINDING_KEYS if k not in present and k in cat.findings]
             rows.append({**base, "kind": "presence", "image": img, "answer": "yes", "choices": ["yes", "no"],
