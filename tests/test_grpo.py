@@ -247,3 +247,17 @@ def test_shipped_adapter_makes_the_embedded_model_answer_in_format():
     assert not THINK_ANSWER.match(out["base"])
     assert THINK_ANSWER.match(out["adapted"]), out["adapted"]
     assert match_choice(parse_answer(out["adapted"]), row["choices"]) is not None
+
+
+def test_vqa_cli_names_a_broken_case_file_and_keeps_earlier_output(tmp_path: Path, capsys):
+    from training.vqa import main
+
+    cases, out = tmp_path / "cases", tmp_path / "vqa"
+    (cases / "bad").mkdir(parents=True)
+    (cases / "bad" / "case.yaml").write_text("id: bad\npatient: {age: 200, sex: F}\npresentation: {complaint: x}\n")
+    out.mkdir()
+    (out / "metadata.jsonl").write_text("earlier\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(cases), str(out)])
+    assert "case.yaml" in str(e.value) and "patient.age" in str(e.value)
+    assert (out / "metadata.jsonl").read_text() == "earlier\n"

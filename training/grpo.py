@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ship", type=Path, default=None, help="text mode on smollm2: write the adapter as a llama.cpp "
                     "GGUF LoRA here (e.g. checkpoints/smollm2_grpo_lora.gguf)")
     args = ap.parse_args(argv)
+    for p in args.data:
+        if not p.exists():
+            ap.error(f"--data {p}: no such file or folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     s = GrpoSettings(**{k: getattr(args, k) for k in asdict(d)})

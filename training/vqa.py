@@ -26,6 +26,7 @@ from PIL import Image
 
 from core.case import Case, Modality, load_case
 from core.catalogue import Catalogue, load_catalogue
+from core.errors import CaseDataError
 from core.imaging.load import load_study
 from training.roi_zoom import ZoomConfig, embed_roi
 
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
     zoom = None if args.no_zoom else ZoomConfig(inset_fraction=args.inset)
-    n = build_vqa(args.cases, args.out, zoom=zoom, seed=args.seed, limit=args.limit)
+    try:
+        n = build_vqa(args.cases, args.out, zoom=zoom, seed=args.seed, limit=args.limit)
+    except CaseDataError as e:  # one line naming the file and field; the previous metadata.jsonl is kept
+        raise SystemExit(f"error: {e}") from None
     print(f"{n} question-answer pairs in {args.out} (load with datasets.load_dataset('imagefolder', "
           f"data_dir='{args.out}'))")
 
