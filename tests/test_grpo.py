@@ -150,8 +150,13 @@ def test_llama_cpp_backend_names_a_missing_adapter():
 
 @pytest.mark.slow
 def test_gguf_lora_export_matches_peft_in_llama_cpp(tmp_path: Path):
-    """A PEFT LoRA on SmolLM2, exported, moves llama.cpp's logits to where transformers + PEFT puts them;
-    without the Q/K row permutation it does clearly worse (the layout check)."""
+    """A PEFT LoRA on SmolLM2, exported, shifts llama.cpp's logits the way it shifts transformers + PEFT's; without the
+    Q/K row permutation the shift points elsewhere (the layout check).
+
+    Shifts, not raw logits, and over every position of the prompt: the GGUF is 8-bit, so llama.cpp's base logits sit
+    ~25 (L2) from transformers' and a single position's comparison flipped with the LoRA's random init (CI saw it).
+    Measured over 12 inits (seeds 0-11, 2026-11-30): q/k-only cosine 0.73-0.95 exported vs -0.18-0.30 unpermuted;
+    q/k/v/o cosine 0.81-0.93."""
     from llama_cpp import Llama
     from peft import LoraConfig, get_peft_model
 
@@ -159,37 +164,50 @@ def test_gguf_lora_export_matches_peft_in_llama_cpp(tmp_path: Path):
     from agents.llm.llama_cpp import default_gguf
     from training.grpo import load_text_model
 
-    model, tok = load_text_model("smollm2")
     text = "<|im_start|>user\nWhat is the most likely diagnosis for a pleural effusion?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok(text, return_tensors="pt").input_ids
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    g = torch.Generator().manual_seed(0)
-    for n, p in sorted(pm.named_parameters()):
-        if "lora_B" in n:
-            p.data = torch.randn(p.shape, generator=g) * 0.05
-    with torch.no_grad():
-        want = pm(ids).logits[0, -1].numpy()
-    pm.save_pretrained(str(tmp_path / "adapter"))
 
     def cpp(lora: Path | None) -> np.ndarray:
         kw = dict(lora_path=str(lora)) if lora else {}
         m = Llama(model_path=str(default_gguf()), n_ctx=256, logits_all=True, verbose=False, n_threads=2, **kw)
         toks = m.tokenize(text.encode(), add_bos=False, special=True)
-        assert toks == ids[0].tolist()
         m.eval(toks)
-        return np.array(m.scores[m.n_tokens - 1])
+        return np.array(m.scores[: m.n_tokens])
 
-    good = lg.export_lora_gguf(tmp_path / "adapter", tmp_path / "good.gguf")
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+
+    def adapter(modules: list[str], scale: float, name: str) -> tuple[np.ndarray, Path]:
+        """(transformers' logit shift, the saved PEFT folder); seeded, so the LoRA's A init is fixed too."""
+        torch.manual_seed(0)
+        model, tok = load_text_model("smollm2")
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            before = model(ids).logits[0].numpy()
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=modules))
+        g = torch.Generator().manual_seed(0)
+        for n, p in sorted(pm.named_parameters()):
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * scale
+        with torch.no_grad():
+            after = pm(ids).logits[0].numpy()
+        pm.save_pretrained(str(tmp_path / name))
+        return after - before, tmp_path / name
+
+    base = cpp(None)
+    qk_shift, qk = adapter(["q_proj", "k_proj"], 0.1, "qk")
+    good = lg.export_lora_gguf(qk, tmp_path / "good.gguf")
     orig = lg.permute_rows
     try:
         lg.permute_rows = lambda w, n: w
-        bad = lg.export_lora_gguf(tmp_path / "adapter", tmp_path / "bad.gguf")
+        bad = lg.export_lora_gguf(qk, tmp_path / "bad.gguf")
     finally:
         lg.permute_rows = orig
-    base, with_good, with_bad = cpp(None), cpp(good), cpp(bad)
-    err = {k: float(np.linalg.norm(v - want)) for k, v in (("base", base), ("good", with_good), ("bad", with_bad))}
-    assert err["good"] < 0.8 * err["base"] and err["good"] < 0.7 * err["bad"], err
+    c_good, c_bad = cos(cpp(good) - base, qk_shift), cos(cpp(bad) - base, qk_shift)
+    assert c_good > 0.6 and c_bad < 0.45 and c_good > c_bad + 0.3, (c_good, c_bad)
+
+    all_shift, every = adapter(["q_proj", "k_proj", "v_proj", "o_proj"], 0.05, "all")
+    c_all = cos(cpp(lg.export_lora_gguf(every, tmp_path / "all.gguf")) - base, all_shift)
+    assert c_all > 0.7, c_all
 
 
 def test_reasoning_backend_answers_from_its_reasoning_and_falls_back():
