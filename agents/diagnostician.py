@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, create_model
 from agents.evidence import SIMILAR_PREFIX, learned_rates, log_likelihood, observations, supporting
 from agents.llm.base import LLMBackend, LLMError
 from agents.schemas import Claim, Opinion, Ranked
+from agents.views import View, with_views
 from core.catalogue import Catalogue
 
 
@@ -92,16 +93,21 @@ def null_scores(llm: LLMBackend, persona: Persona, names: list[str]) -> dict[str
 
 def diagnose(*, agent: str, persona: Persona, llm: LLMBackend, cat: Catalogue, domain: str, summary: str,
              tool_results: list[dict], insights: list[dict], round_: int, peers: list[dict],
-             previous: dict | None, llm_temperature: float = 1.0, write_rationale: bool = True) -> Opinion:
+             previous: dict | None, llm_temperature: float = 1.0, write_rationale: bool = True,
+             views: list[View] = ()) -> Opinion:
+    """`views`: the tools' images (agents/views.py), shown only to a vision backend."""
     candidates = [d for d in cat.diseases.values() if d.domain == domain]
     evidence = _evidence_text(tool_results, insights)
     peer_text = _peers_text(peers, cat)
     user = f"{summary}\n{evidence}\n{peer_text}\n{persona.instruction} {QUESTION}".replace("\n\n", "\n")
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    shown = list(views) if llm.vision else []
     with llm.exclusive():  # score then write the rationale on one warm prompt cache
-        return _diagnose(msgs, agent=agent, persona=persona, llm=llm, cat=cat, candidates=candidates,
-                         tool_results=tool_results, insights=insights, round_=round_, peers=peers,
-                         previous=previous, llm_temperature=llm_temperature, write_rationale=write_rationale)
+        op = _diagnose(with_views(msgs, shown), agent=agent, persona=persona, llm=llm, cat=cat,
+                       candidates=candidates, tool_results=tool_results, insights=insights, round_=round_,
+                       peers=peers, previous=previous, llm_temperature=llm_temperature,
+                       write_rationale=write_rationale)
+    return op.model_copy(update={"images": [v.artefact for v in shown]})
 
 
 def _diagnose(msgs, *, agent, persona, llm, cat, candidates, tool_results, insights, round_, peers, previous,

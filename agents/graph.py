@@ -26,6 +26,7 @@ from agents.intake import intake
 from agents.planner import plan_tools
 from agents.review import parse_decision, review_payload
 from agents.run_tools import run_planned
+from agents.views import case_views
 from agents.schemas import Claim, Plan, Ranked, ReviewDecision, RoundRecord, Verdict
 from agents.services import Services
 from core.catalogue import load_catalogue
@@ -64,6 +65,7 @@ def build_graph(services: Services, checkpointer=None):
     settings = services.settings
     configure_case_index(settings.case_index_dir)  # no index there: case_retrieval is simply not planned
     panel = services.llms.for_role("diagnosticians")
+    panel_cfg = [c for _, c in settings.llm.backend_for("diagnosticians")]
 
     def n_intake(state: ConsultState) -> dict:
         out = intake(state["case_dir"])
@@ -113,10 +115,14 @@ def build_graph(services: Services, checkpointer=None):
         ops = st.get("opinions", {})
         peers = [o for k, o in ops.items() if o["round"] == rnd - 1 and o["agent"] != agent] if rnd > 1 else []
         previous = ops.get(f"{rnd - 1}:{agent}")
+        views = []
+        if panel[i].vision and services.artefact_root is not None:
+            views = case_views(st.get("tool_results", []), services.artefact_root / st["case_id"],
+                               max_images=panel_cfg[i].max_images)
         op = diagnose(agent=agent, persona=persona, llm=panel[i], cat=cat, domain=st["domain"],
                       summary=st["summary"], tool_results=st.get("tool_results", []),
                       insights=st.get("insights", []), round_=rnd, peers=peers, previous=previous,
-                      write_rationale=settings.llm_rationale)
+                      write_rationale=settings.llm_rationale, views=views)
         services.emit(f"round {rnd} {agent} ({op.model}): {cat.diseases[op.diagnosis].name} "
                       f"p={op.differential[0].probability:.2f}")
         return {"opinions": {f"{rnd}:{agent}": op.model_dump()}}

@@ -37,6 +37,7 @@ class Opinion(BaseModel):
     differential: list[Ranked]
     rationale: list[Claim]
     changed_from: str | None = None  # the agent's previous round answer, if it changed
+    images: list[str] = Field(default_factory=list)  # artefact ids of the images a vision model was shown
 
 
 class RoundRecord(BaseModel):

@@ -46,6 +46,10 @@ class BackendConfig(_Strict):
     # a reasoning model (<think>/<answer>, e.g. a MedReason-R1 checkpoint served by vLLM, or the embedded model
     # with its GRPO adapter): the panel reads its reasoned answer (agents/llm/reasoning.py)
     reasoning: bool = False
+    # a vision-language model (openai / vllm kinds): diagnosticians on it also see the tools' images, regions of
+    # interest zoomed in as insets (agents/views.py); at most `max_images` per call
+    vision: bool = False
+    max_images: int = Field(4, ge=1, le=16)
     # How the openai backend asks for JSON: OpenAI's json_schema, llama.cpp's json_object+schema, vLLM's
     # structured_outputs extra (>= 0.10.2) or its older guided_json (removed in vLLM 0.12).
     structured_mode: Literal["json_schema", "json_object", "structured_outputs", "guided_json"] = "json_schema"
@@ -53,6 +57,13 @@ class BackendConfig(_Strict):
     # option scoring over /v1/completions needs the served model's chat template rendered client-side
     prompt_template: Literal["chatml", "llama3", "plain"] = "chatml"
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm in-process
+
+    @model_validator(mode="after")
+    def _vision_needs_a_vlm_server(self) -> "BackendConfig":
+        if self.vision and self.kind not in ("openai", "vllm"):
+            raise ValueError(f"vision = true needs kind 'openai' or 'vllm' (a served vision-language model); "
+                             f"kind {self.kind!r} reads text only")
+        return self
 
 
 class LLMConfig(_Strict):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from training.grpo_rewards import (accuracy_reward, completion_text, format_reward, match_choice, parse_answer,
                                    validity_reward)
-from training.roi_zoom import ZoomConfig, crop_box, embed_roi
+from core.imaging.roi_zoom import ZoomConfig, crop_box, embed_roi
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "cases"
 torch.set_num_threads(2)

@@ -41,6 +41,9 @@ class Artefact(BaseModel):
     kind: Literal["png", "nifti", "json", "tiff"]
     path: str  # relative to the run's artefact folder
     description: str = ""
+    # png: [x0, y0, x1, y1] in the image's pixels, the region a reader should zoom into (a lesion, an effusion);
+    # a vision-language panel member sees it magnified as an inset (agents/views.py)
+    roi: list[float] | None = Field(None, min_length=4, max_length=4)
 
 
 class ToolResult(BaseModel):

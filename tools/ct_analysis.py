@@ -838,6 +838,22 @@ def _lobes(ls: list[Lesion]) -> str:
     return ", ".join(seen[:3])
 
 
+def _roi_on_slice(z: int, lesions: list[Lesion], fluid: np.ndarray, ptx: np.ndarray) -> list[float] | None:
+    """[x0, y0, x1, y1] on axial slice z: the largest lesion cut there, else the drawn fluid or air."""
+    best, box = 0, None
+    for l in lesions:
+        zz = z - l.bbox[0].start
+        if 0 <= zz < l.mask.shape[0] and l.mask[zz].sum() > best:
+            ys, xs = np.nonzero(l.mask[zz])
+            best = int(l.mask[zz].sum())
+            y0, x0 = l.bbox[1].start, l.bbox[2].start
+            box = [float(x0 + xs.min()), float(y0 + ys.min()), float(x0 + xs.max() + 1), float(y0 + ys.max() + 1)]
+    if box is None and (fluid[z].any() or ptx[z].any()):
+        ys, xs = np.nonzero(fluid[z] | ptx[z])
+        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    return box
+
+
 @register
 class CTAnalysis(Tool):
     name = "ct_analysis"
@@ -1043,6 +1059,7 @@ class CTAnalysis(Tool):
                 m[l.bbox[1], l.bbox[2]] = l.mask[zz]
                 rgb[edge(m)] = (255, 40, 40)
         rgb[metal[z]] = (255, 0, 255)
+        roi = _roi_on_slice(z, lesions, fluid_mask, ptx_mask)
         # display with square pixels, 3x
         sy, sx = an.spacing[1], an.spacing[2]
         h, w = sl.shape
@@ -1058,6 +1075,9 @@ class CTAnalysis(Tool):
         out_dir.mkdir(parents=True, exist_ok=True)
         rel = f"{ctx.study_id}_ct_overlay.png".replace("/", "_")
         im.save(out_dir / rel)
-        return Artefact(id=f"{self.name}:{ctx.study_id}:overlay", kind="png", path=rel,
+        if roi is not None:  # slice pixels -> display pixels
+            fx, fy = im.size[0] / w, im.size[1] / h
+            roi = [roi[0] * fx, roi[1] * fy, roi[2] * fx, roi[3] * fy]
+        return Artefact(id=f"{self.name}:{ctx.study_id}:overlay", kind="png", path=rel, roi=roi,
                         description=f"axial slice {z}: lung space (green right, blue left), lesions (red), pleural "
                                     "fluid (cyan), pneumothorax (yellow), metal (magenta); positive findings listed")

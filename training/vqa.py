@@ -11,7 +11,7 @@ kinds (arXiv 2510.19626):
 - type: which abnormality the outlined region shows (multiple choice over finding names);
 - diagnosis: the case's diagnosis, multiple choice over the domain's candidates.
 ROI boxes come from the truth's lesion-mask boxes ([x0, y0, x1, y1] on the slice); with zoom on,
-the image carries the region outlined and magnified (`training.roi_zoom`). Every row keeps its
+the image carries the region outlined and magnified (`core.imaging.roi_zoom`). Every row keeps its
 `choices`, `answer` and `roi` for the rewards. Report text is never copied into a question.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from core.case import Case, Modality, load_case
 from core.catalogue import Catalogue, load_catalogue
 from core.errors import CaseDataError
 from core.imaging.load import load_study
-from training.roi_zoom import ZoomConfig, embed_roi
+from core.imaging.roi_zoom import ZoomConfig, embed_roi
 
 SIDES = ("right", "left", "bilateral")
 LETTERS = "ABCDEFGH"

@@ -19,7 +19,18 @@ from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 Role = Literal["system", "user", "assistant"]
-Message = dict  # {"role": Role, "content": str}
+Message = dict  # {"role": Role, "content": str | list of OpenAI-style parts (text, image_url) for vision backends}
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A message's text: itself, or its text parts joined (images dropped) for an engine that reads text only."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if p.get("type") == "text")
+
+
+def text_only(messages: list[Message]) -> list[Message]:
+    return [m if isinstance(m["content"], str) else {**m, "content": text_of(m["content"])} for m in messages]
 
 
 class LLMError(RuntimeError):
@@ -109,6 +120,7 @@ class LLMBackend(ABC):
     max_tokens: int = 512
     temperature: float = 0.0
     structured_retries: int = 2
+    vision: bool = False  # takes image parts (a served VLM); other engines get the messages' text only
     calls: list[CallRecord] = field(default_factory=list, repr=False)
 
     # -- engine hooks
@@ -129,8 +141,12 @@ class LLMBackend(ABC):
         return contextlib.nullcontext()
 
     # -- public API
+    def _readable(self, messages: list[Message]) -> list[Message]:
+        return messages if self.vision else text_only(messages)
+
     def chat(self, messages: list[Message], *, max_tokens: int | None = None,
              temperature: float | None = None) -> str:
+        messages = self._readable(messages)
         return self._record("chat", lambda: self._complete(
             messages, max_tokens=max_tokens or self.max_tokens,
             temperature=self.temperature if temperature is None else temperature, json_schema=None)).text
@@ -138,6 +154,7 @@ class LLMBackend(ABC):
     def stream(self, messages: list[Message], *, max_tokens: int | None = None) -> Iterator[str]:
         """Text pieces as they arrive; the call is recorded with its piece count (≈ tokens) once it ends."""
         t0, n = time.perf_counter(), 0
+        messages = self._readable(messages)
         try:
             for piece in self._stream(messages, max_tokens=max_tokens or self.max_tokens,
                                       temperature=self.temperature):
@@ -151,6 +168,7 @@ class LLMBackend(ABC):
     def structured(self, messages: list[Message], schema: type[T], *, max_tokens: int | None = None,
                    retries: int | None = None) -> T:
         js = schema_of(schema)
+        messages = self._readable(messages)
         convo = list(messages)
         attempts = 1 + (self.structured_retries if retries is None else retries)
         err, text = "", ""
@@ -173,7 +191,7 @@ class LLMBackend(ABC):
             raise ValueError("score_options needs at least one option")
         t0 = time.perf_counter()
         try:
-            scores, n_prompt = self._score(messages, list(options))
+            scores, n_prompt = self._score(self._readable(messages), list(options))
         except LLMError as e:
             self.calls.append(CallRecord("score", self.model, 0, 0, time.perf_counter() - t0, False, str(e)))
             raise

@@ -11,13 +11,13 @@ def backend_from_config(name: str, cfg: BackendConfig) -> LLMBackend:
         return engine
     from agents.llm.reasoning import ReasoningBackend
 
-    return ReasoningBackend(name=name, model=engine.model, inner=engine, max_tokens=cfg.max_tokens,
+    return ReasoningBackend(name=name, model=engine.model, inner=engine, max_tokens=cfg.max_tokens, vision=cfg.vision,
                             temperature=cfg.temperature, structured_retries=cfg.structured_retries)
 
 
 def _engine(name: str, cfg: BackendConfig) -> LLMBackend:
     common = dict(name=name, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                  structured_retries=cfg.structured_retries)
+                  structured_retries=cfg.structured_retries, vision=cfg.vision)
     if cfg.kind == "llama_cpp":
         from agents.llm.llama_cpp import LlamaCppBackend
 

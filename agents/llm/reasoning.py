@@ -59,7 +59,9 @@ class ReasoningBackend(LLMBackend):
         from training.grpo_rewards import match_choice
 
         msgs = [dict(m) for m in messages]
-        msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\nOptions: {'; '.join(options)}.\n{FORMAT}"}
+        ask = f"Options: {'; '.join(options)}.\n{FORMAT}"
+        last = msgs[-1]["content"]  # a vision model's message is a list of parts: it keeps its images
+        msgs[-1]["content"] = f"{last}\n{ask}" if isinstance(last, str) else [*last, {"type": "text", "text": ask}]
         comp = self.inner._complete(msgs, max_tokens=self.reasoning_tokens, temperature=0.0, json_schema=None)
         think, answer = split_reasoning(comp.text)
         self.last_reasoning = think

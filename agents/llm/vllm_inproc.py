@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.llm.base import Completion, LLMBackend, LLMUnavailable, Message, OptionScore
+from agents.llm.base import Completion, LLMBackend, LLMUnavailable, Message, OptionScore, text_only
 
 INSTALL_HINT = ("vLLM is not installed in this environment. On a CUDA host: `pip install vllm` in a separate "
                 "virtualenv (it pins its own torch), or run `vllm serve MODEL` and use a backend of kind 'openai'.")
@@ -73,7 +73,7 @@ class VLLMBackend(LLMBackend):
         Llama-style templates, and could merge tokens across the prompt/option boundary)."""
         vllm = _import_vllm()
         tok = self.llm.get_tokenizer()
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template(text_only(messages), tokenize=False, add_generation_prompt=True)
         p_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])  # the template writes its own BOS
         o_ids = [list(tok(o, add_special_tokens=False)["input_ids"]) for o in options]
         sp = _sampling(vllm, max_tokens=1, temperature=0.0, seed=self.seed, prompt_logprobs=0)
