@@ -112,8 +112,10 @@ def diagnose(*, agent: str, persona: Persona, llm: LLMBackend, cat: Catalogue, d
 
 def _diagnose(msgs, *, agent, persona, llm, cat, candidates, tool_results, insights, round_, peers, previous,
               llm_temperature, write_rationale) -> Opinion:
-    null = null_scores(llm, persona, [d.name for d in candidates])
+    null = null_scores(llm.likelihood_engine, persona, [d.name for d in candidates])
     scored = llm.score_options(msgs, [d.name for d in candidates])
+    if llm.last_scores_were_an_answer():  # a reasoning model's answer is not a likelihood: subtracting its answer
+        null = dict.fromkeys(null, 0.0)  # to an empty case would erase its real one whenever the two coincide
     by_name = {s.option: s.mean_logprob - null[s.option] for s in scored.scores}
     obs = observations(tool_results, cat)
     learned = learned_rates(insights)

@@ -11,6 +11,9 @@ and the panel's own use of the model, scoring mode: the length-normalised log-li
 candidate name as the reply to the same prompt without the answer-format instruction (what
 `agents/diagnostician.py` reads), accuracy of its argmax. 95% Wilson intervals; paired counts
 (cases only one of the two gets right) with an exact two-sided sign test.
+
+`--panel` instead runs one diagnostician as the panel does, on the held-out cases' stored tool results, without
+and with the adapter; `--panel --reasoning` puts the adapted model on it in reasoning mode.
 """
 from __future__ import annotations
 
@@ -51,23 +54,29 @@ def run_model(rows: list[dict], adapter: Path | None, *, max_tokens: int, thread
     return out
 
 
-def run_panel(cases: list, adapter: Path | None, *, threads: int) -> list[dict]:
+def run_panel(cases: list, adapter: Path | None, *, threads: int, reasoning: bool = False) -> list[dict]:
     """One diagnostician as the panel runs it (radiologist persona: the model's option likelihoods, calibrated,
-    plus the guideline evidence term and the prior), on the cases' stored tool results."""
+    plus the guideline evidence term and the prior), on the cases' stored tool results. `reasoning`: the model
+    reasons and answers one candidate instead (`reasoning = true` on a backend), its likelihoods only where it
+    gives no valid answer."""
     from agents.diagnostician import PERSONAS, diagnose
     from agents.llm.llama_cpp import LlamaCppBackend
+    from agents.llm.reasoning import ReasoningBackend
     from core.catalogue import load_catalogue
 
     cat = load_catalogue()
     be = LlamaCppBackend(name="eval", model="", n_ctx=2048, n_threads=threads, seed=0,
                          lora=str(adapter) if adapter else None)
+    if reasoning:
+        be = ReasoningBackend(name="eval", model=be.model, inner=be)
     out = []
     for c in cases:
         op = diagnose(agent="a", persona=PERSONAS[0], llm=be, cat=cat, domain=c.domain, summary=c.summary,
                       tool_results=c.tool_results, insights=[], round_=1, peers=[], previous=None,
                       write_rationale=False)
         out.append({"case_id": c.case_id, "truth": c.diagnosis, "panel_pred": op.diagnosis,
-                    "panel_correct": op.diagnosis == c.diagnosis})
+                    "panel_correct": op.diagnosis == c.diagnosis,
+                    **({"answered": be.answered} if reasoning else {})})
     return out
 
 
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--panel", action="store_true", help="instead: one diagnostician as the panel runs it (option "
                     "likelihoods + evidence term + prior) without and with the adapter")
+    ap.add_argument("--reasoning", action="store_true", help="--panel: the adapted model in reasoning mode (it "
+                    "answers one candidate after <think>) against the base model's likelihoods")
     args = ap.parse_args(argv)
     if args.panel:
         return panel_main(args)
@@ -157,12 +168,14 @@ def panel_main(args) -> dict:
     res, t = {}, {}
     for name, adapter in (("before", None), ("after", args.adapter)):
         t0 = time.perf_counter()
-        res[name] = run_panel(test, adapter, threads=args.threads)
+        res[name] = run_panel(test, adapter, threads=args.threads, reasoning=args.reasoning and adapter is not None)
         t[name] = time.perf_counter() - t0
     out = {"n": len(test), "seconds": t, **{k: _summary(v) for k, v in res.items()},
            "paired": paired(res["before"], res["after"], "panel_correct")}
     b, a, pr = out["before"]["panel_correct"], out["after"]["panel_correct"], out["paired"]
-    print(f"{len(test)} held-out cases, one diagnostician (radiologist persona, evidence term on), llama.cpp")
+    print(f"{len(test)} held-out cases, one diagnostician (radiologist persona, evidence term on), llama.cpp"
+          + (f"; with the adapter in reasoning mode (a valid answer on {res['after'][-1]['answered']} of "
+             f"{len(test)} cases, likelihoods on the rest)" if args.reasoning and test else ""))
     print(f"panel accuracy without the adapter {b['rate']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] ({b['k']}), "
           f"with it {a['rate']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['k']}); only without / only with "
           f"{pr['only_before']} / {pr['only_after']} (p={pr['sign_test_p']:.3g}); "

@@ -249,6 +249,35 @@ def test_reasoning_flag_wraps_the_configured_engine():
     assert isinstance(be, ReasoningBackend) and be.model == "medreason-r1 (reasoning)"
 
 
+def test_a_reasoning_models_answer_survives_calibration_even_when_it_is_also_its_empty_case_answer():
+    """Contextual calibration subtracts a model's likelihoods on an empty case. A reasoning model's answer is not a
+    likelihood: subtracting its answer to the empty case used to cancel its real answer exactly whenever the two
+    coincided. Its fall-back likelihoods are still calibrated (against its engine's)."""
+    from agents.diagnostician import PERSONAS, diagnose
+    from agents.llm.base import Completion, LLMBackend, OptionScore
+    from agents.llm.reasoning import ReasoningBackend
+    from core.catalogue import load_catalogue
+
+    class Engine(LLMBackend):
+        reply = "<think>Fever, cough.</think><answer>pulmonary tuberculosis</answer>"
+
+        def _complete(self, messages, *, max_tokens, temperature, json_schema):
+            return Completion(self.reply, 10, 5, 0.01)
+
+        def _score(self, messages, options):  # likelihoods biased to pneumonia, on the empty case and any other
+            return [OptionScore(o, 0.0 if o == "community-acquired pneumonia" else -3.0, 1) for o in options], 1
+
+    cat = load_catalogue()
+    case = dict(persona=PERSONAS[0], cat=cat, domain="chest", tool_results=[], insights=[], round_=1, peers=[],
+                previous=None, write_rationale=False, summary="<case>\nCough for six weeks, night sweats.\n</case>")
+    rb = ReasoningBackend(name="r", model="", inner=Engine(name="e", model="m"))
+    op = diagnose(agent="a", llm=rb, **case)
+    assert rb.answered == 1 and op.diagnosis == "tuberculosis" and op.differential[0].probability > 0.5
+    Engine.reply = "I am not sure."  # no valid answer: its engine's likelihoods, calibrated, so the bias cancels
+    op = diagnose(agent="a", llm=rb, **case)
+    assert rb.fell_back == 1 and op.differential[0].probability < 0.5, op.differential
+
+
 def test_shipped_adapter_makes_the_embedded_model_answer_in_format():
     """checkpoints/smollm2_grpo_lora.gguf in the embedded engine: the base model ignores the answer format, the
     adapted one reasons in tags and names one of the candidates (evals/grpo.py has the held-out numbers)."""

@@ -115,6 +115,13 @@ class VLMServer(BaseHTTPRequestHandler):
                      "choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": text}}],
                      "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        elif self.path.endswith("/completions"):  # likelihoods (echo + logprobs): a flat -1 per character
+            toks = [*body["prompt"], "."]
+            reply = {"id": "y", "object": "text_completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "text": ".", "finish_reason": "length",
+                                  "logprobs": {"tokens": toks, "token_logprobs": [-1.0] * len(toks),
+                                               "top_logprobs": None, "text_offset": list(range(len(toks)))}}],
+                     "usage": {"prompt_tokens": len(toks) - 1, "completion_tokens": 1, "total_tokens": len(toks)}}
         else:
             self.send_response(404)
             self.end_headers()
@@ -148,14 +155,14 @@ def test_a_served_reasoning_vlm_sees_the_zoomed_images_and_answers(nodule_ct, vl
     op = diagnose(agent="radiologist-1", persona=PERSONAS[0], llm=be, cat=CAT, domain="chest",
                   summary="<case>\n64-year-old smoker with haemoptysis.\n</case>", tool_results=[res], insights=[],
                   round_=1, peers=[], previous=None, views=views)
-    with_images = [r for r in VLMServer.seen if isinstance(r["messages"][-1]["content"], list)
-                   or any(isinstance(m["content"], list) for m in r["messages"])]
+    with_images = [r for r in VLMServer.seen if any(isinstance(m["content"], list) for m in r.get("messages", []))]
     assert with_images, "no request carried the images"
     for r in with_images:
         parts = next(m["content"] for m in r["messages"] if isinstance(m["content"], list))
         urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
         assert len(urls) == 1 and _png(urls[0]).size == Image.open(out / res["artefacts"][0]["path"]).size
         assert any("[ct_analysis:ct]" in p.get("text", "") for p in parts)
+    assert all("N/A" in r["prompt"] for r in VLMServer.seen if "prompt" in r)  # only the calibration is scored
     ranking = [r for r in with_images if "<answer>" in str(r["messages"][-1]["content"])]
     assert ranking, "the reasoning call that ranks the candidates did not carry the images"
     assert op.images == ["ct_analysis:ct:overlay"]

@@ -135,6 +135,15 @@ class LLMBackend(ABC):
     def _score(self, messages: list[Message], options: list[str]) -> tuple[list[OptionScore], int]:
         """(scores, prompt tokens)."""
 
+    @property
+    def likelihood_engine(self) -> "LLMBackend":
+        """The engine whose option scores are likelihoods (itself; a reasoning wrapper's inner engine)."""
+        return self
+
+    def last_scores_were_an_answer(self) -> bool:
+        """True when the last `score_options` gave the model's chosen answer (0 vs a reject score), not likelihoods."""
+        return False
+
     def exclusive(self) -> contextlib.AbstractContextManager:
         """Hold the engine for a run of related calls, so one engine's prompt cache serves them all
         (an in-process engine that reuses the KV cache of a shared prompt prefix overrides this)."""

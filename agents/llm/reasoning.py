@@ -34,6 +34,7 @@ class ReasoningBackend(LLMBackend):
     last_reasoning: str = field(default="", repr=False)
     answered: int = 0  # score calls the model answered validly
     fell_back: int = 0  # score calls that fell back to the engine's likelihoods
+    _last_answered: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.inner is None:
@@ -42,6 +43,13 @@ class ReasoningBackend(LLMBackend):
 
     def exclusive(self):
         return self.inner.exclusive()
+
+    @property
+    def likelihood_engine(self) -> LLMBackend:
+        return self.inner
+
+    def last_scores_were_an_answer(self) -> bool:
+        return self._last_answered
 
     def _complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
                   json_schema: dict | None) -> Completion:
@@ -66,6 +74,7 @@ class ReasoningBackend(LLMBackend):
         think, answer = split_reasoning(comp.text)
         self.last_reasoning = think
         chosen = match_choice(answer, options)
+        self._last_answered = chosen is not None
         if chosen is None:
             self.fell_back += 1
             return self.inner._score(messages, options)
