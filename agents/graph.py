@@ -26,9 +26,9 @@ from agents.intake import intake
 from agents.planner import plan_tools
 from agents.review import parse_decision, review_payload
 from agents.run_tools import run_planned
-from agents.views import case_views
 from agents.schemas import Claim, Plan, Ranked, ReviewDecision, RoundRecord, Verdict
 from agents.services import Services
+from agents.views import case_views
 from core.catalogue import load_catalogue
 from tools.case_retrieval import configure as configure_case_index
 

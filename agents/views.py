@@ -35,8 +35,9 @@ class View:
 def case_views(tool_results: list[dict], artefact_dir: str | Path | None, *, max_images: int = 4,
                max_side: int = 768, zoom: ZoomConfig = ZoomConfig()) -> list[View]:
     """Up to `max_images` PNG views from the successful tool results, those with a region of interest first
-    (then in the order the tools ran); an image missing from disk is passed over (the text still has its
-    findings)."""
+    (then in the order the tools ran). An image missing or unreadable on disk is passed over, and one whose ROI
+    does not fit it is shown without the inset: the text still carries every finding, so a consultation never
+    fails for a picture."""
     if artefact_dir is None:
         return []
     found = [(r["id"], a) for r in tool_results if r.get("status") == "ok"
@@ -46,14 +47,16 @@ def case_views(tool_results: list[dict], artefact_dir: str | Path | None, *, max
     for cite, a in found:
         if len(views) >= max_images:
             break
-        path = Path(artefact_dir) / a["path"]
-        if not path.is_file():
+        try:
+            with Image.open(Path(artefact_dir) / a["path"]) as im:
+                im = im.convert("RGB")
+        except (OSError, SyntaxError):  # missing, truncated or not an image (PIL raises SyntaxError for some)
             continue
-        with Image.open(path) as im:
-            im = im.convert("RGB")
         roi = a.get("roi")
-        if roi is not None:
-            im = embed_roi(im, roi, zoom)
+        try:
+            im = embed_roi(im, roi, zoom) if roi is not None else im
+        except ValueError:  # the box is not inside this image
+            roi = None
         if max(im.size) > max_side:  # vision encoders tile large images into many tokens
             im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()

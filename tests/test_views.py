@@ -82,6 +82,14 @@ def test_case_views_zoom_the_roi_order_and_limit(nodule_ct, tmp_path):
     assert shown.shape == raw.shape and (shown != raw).any(axis=-1).mean() > 0.05  # the inset is embedded
     assert len(case_views([other, res], out, max_images=1)) == 1
     assert case_views([res], None) == []
+    # a truncated PNG is passed over; an ROI outside its image is shown without the inset, never an error
+    (out / "broken.png").write_bytes((out / "other.png").read_bytes()[:100])
+    bad = {"id": "saint:ct", "status": "ok", "artefacts": [
+        {"id": "saint:ct:coronal", "kind": "png", "path": "broken.png", "roi": [1, 1, 5, 5]},
+        {"id": "saint:ct:outside", "kind": "png", "path": "other.png", "roi": [1100, 10, 1300, 90]}]}
+    [v] = case_views([bad], out, max_side=2000)
+    assert v.artefact == "saint:ct:outside" and not v.zoomed
+    assert np.array_equal(np.asarray(_png(v.data_url()).convert("RGB")), np.asarray(plain))
 
 
 def test_views_go_only_into_the_last_user_message():

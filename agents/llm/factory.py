@@ -11,8 +11,8 @@ def backend_from_config(name: str, cfg: BackendConfig) -> LLMBackend:
         return engine
     from agents.llm.reasoning import ReasoningBackend
 
-    return ReasoningBackend(name=name, model=engine.model, inner=engine, max_tokens=cfg.max_tokens, vision=cfg.vision,
-                            temperature=cfg.temperature, structured_retries=cfg.structured_retries)
+    return ReasoningBackend(name=name, model=engine.model, inner=engine, max_tokens=cfg.max_tokens,
+                            temperature=cfg.temperature, structured_retries=cfg.structured_retries, vision=cfg.vision)
 
 
 def _engine(name: str, cfg: BackendConfig) -> LLMBackend:
